@@ -1,0 +1,265 @@
+"""Strict structured configuration: defaults <- recipe YAML <- CLI dotlist, then frozen.
+
+The schema is a tree of dataclasses. Unknown keys and wrong types are errors that name the key. Values derived from
+the config (the lr after the sqrt batch-size rule, step counts) are computed by :func:`derive`, logged and saved in
+the run directory; they are never written back into the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from raddino.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "base"  # tiny | small | base | large | giant
+    patch_size: int = 14
+    img_size: int = 224  # grid the position embeddings are stored at; other sizes are interpolated
+    num_registers: int = 0
+    drop_path_rate: float = 0.1
+    layerscale: float = 1e-5
+    pos_embed_interp: str = "dinov2"  # dinov2 (offset 0.1, no antialias) | dinov2_reg (no offset, antialias)
+    init_from: str | None = None  # continue pretraining from released weights (see docs)
+    init_strict: bool = True
+
+
+@dataclass
+class HeadConfig:
+    out_dim: int = 65536  # prototypes K
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+
+
+@dataclass
+class LossConfig:
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    ibot_separate_head: bool = False
+    centering: str = "sinkhorn_knopp"  # sinkhorn_knopp | centering
+    sinkhorn_iterations: int = 3
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+
+
+@dataclass
+class CropConfig:
+    global_size: int = 224
+    local_size: int = 98
+    n_global: int = 2
+    n_local: int = 8
+    global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    # ImageNet statistics: what DINOv2 checkpoints were trained with, so continued pretraining sees familiar inputs.
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    flip_p: float = 0.5
+    brightness: float = 0.4
+    contrast: float = 0.4
+
+
+@dataclass
+class MaskConfig:
+    prob: float = 0.5  # fraction of global crops that are masked at all
+    ratio_min: float = 0.1
+    ratio_max: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | npz | shards
+    path: str | None = None  # .npz file (source=npz)
+    split: str = "train"
+    synthetic_count: int = 4096
+    synthetic_size: int = 128
+    batch_size: int = 64  # per device
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 4e-3  # at a global batch of `reference_batch`, scaled by sqrt(global_batch / reference_batch)
+    reference_batch: int = 1024
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    layer_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: float = 3.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    freeze_last_layer_epochs: int = 1
+
+
+@dataclass
+class TeacherConfig:
+    momentum_start: float = 0.992
+    momentum_end: float = 1.0
+    temp_start: float = 0.04
+    temp_end: float = 0.07
+    temp_warmup_epochs: int = 30
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    epochs: int = 100
+    steps_per_epoch: int = 1250  # DINOv2's "official epoch length": an epoch is a fixed number of steps
+    max_steps: int | None = None  # stop early (schedules still follow epochs * steps_per_epoch)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | none | PATH
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    progress: bool = True
+
+
+@dataclass
+class RaddinoConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("tiny", "small", "base", "large", "giant"),
+    "model.pos_embed_interp": ("dinov2", "dinov2_reg"),
+    "loss.centering": ("sinkhorn_knopp", "centering"),
+    "data.source": ("synthetic", "npz", "shards"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "bf16", "fp32"),
+}
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    """A recipe is a YAML path, or the name of one in the repository's ``configs/`` (``tiny_cpu``)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    named = RECIPES_DIR / f"{recipe}.yaml"
+    if named.is_file():
+        return named
+    available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))) or "none"
+    raise ConfigError(f"config file not found: {recipe} (named recipes: {available})")
+
+
+def _error_message(err: OmegaConfBaseException, origin: str) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+    msg = msg.splitlines()[0]
+    if key:
+        return f"{origin}: invalid config key '{key}': {msg}"
+    return f"{origin}: {msg}"
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Merge defaults <- recipe YAML <- dotlist overrides (``optim.base_lr=1e-3``), validate and freeze.
+
+    Raises:
+        ConfigError: naming the key for unknown keys, wrong types or values outside the allowed choices.
+    """
+    cfg = OmegaConf.structured(RaddinoConfig)
+    if recipe is not None:
+        path = resolve_recipe(recipe)
+        try:
+            loaded = OmegaConf.load(path)
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as err:
+            raise ConfigError(_error_message(err, str(path))) from None
+        except Exception as err:  # YAML syntax errors come from the yaml parser
+            raise ConfigError(f"{path}: cannot parse YAML: {str(err).splitlines()[0]}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise ConfigError(_error_message(err, f"override '{item}'")) from None
+    _validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _validate(cfg: DictConfig) -> None:
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"invalid config key '{key}': {value!r} is not one of {', '.join(choices)}")
+    if cfg.data.source == "npz" and not cfg.data.path:
+        raise ConfigError("invalid config key 'data.path': required when data.source=npz")
+    for key in ("crops.global_scale", "crops.local_scale"):
+        lo, hi = OmegaConf.select(cfg, key)
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"invalid config key '{key}': need 0 < min <= max <= 1, got [{lo}, {hi}]")
+    if not 0 <= cfg.mask.ratio_min <= cfg.mask.ratio_max < 1:
+        raise ConfigError("invalid config key 'mask.ratio_min': need 0 <= ratio_min <= ratio_max < 1")
+    for key in ("crops.global_size", "crops.local_size", "model.img_size"):
+        if OmegaConf.select(cfg, key) % cfg.model.patch_size:
+            raise ConfigError(f"invalid config key '{key}': must be a multiple of model.patch_size")
+    if cfg.crops.n_global < 1:
+        raise ConfigError("invalid config key 'crops.n_global': need at least one global crop")
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed from the config and the world size; saved as ``derived.json`` in the run directory."""
+
+    world_size: int
+    global_batch: int
+    lr: float
+    min_lr: float
+    total_steps: int
+    max_steps: int
+    warmup_steps: int
+    teacher_temp_warmup_steps: int
+    freeze_last_layer_steps: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def derive(cfg: DictConfig, *, world_size: int) -> Derived:
+    """Scale the learning rate with the sqrt rule and turn epoch counts into step counts."""
+    global_batch = cfg.data.batch_size * world_size
+    scale = math.sqrt(global_batch / cfg.optim.reference_batch)
+    total = cfg.train.epochs * cfg.train.steps_per_epoch
+    spe = cfg.train.steps_per_epoch
+    return Derived(
+        world_size=world_size,
+        global_batch=global_batch,
+        lr=cfg.optim.base_lr * scale,
+        min_lr=cfg.optim.min_lr * scale,
+        total_steps=total,
+        max_steps=min(total, cfg.train.max_steps) if cfg.train.max_steps is not None else total,
+        warmup_steps=cfg.optim.warmup_epochs * spe,
+        teacher_temp_warmup_steps=cfg.teacher.temp_warmup_epochs * spe,
+        freeze_last_layer_steps=cfg.optim.freeze_last_layer_epochs * spe,
+    )
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from raddino.cli import main
+from raddino.config import derive, load_config
+from raddino.errors import ConfigError
+
+
+def test_defaults_recipe_then_overrides_and_frozen():
+    cfg = load_config("tiny_cpu", ["optim.base_lr=0.5", "model.num_registers=4"])
+    assert cfg.model.arch == "tiny"  # from the recipe
+    assert cfg.optim.base_lr == 0.5  # from the override
+    assert cfg.model.num_registers == 4
+    assert cfg.optim.layer_decay == 0.9  # from the defaults
+    with pytest.raises(Exception):
+        cfg.optim.base_lr = 1.0  # frozen
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("optim.lrr=1", "optim.lrr"), ("nosuch.key=1", "nosuch"), ("optim.base_lr=abc", "optim.base_lr"),
+     ("model.arch=huge", "model.arch"), ("train.epochs=1.5", "train.epochs"),
+     ("crops.global_scale=[0.5,0.2]", "crops.global_scale"), ("crops.global_size=50", "crops.global_size")],
+)
+def test_bad_override_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("tiny_cpu", [override])
+
+
+def test_unknown_key_in_recipe_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  base_lrr: 1.0\n")
+    with pytest.raises(ConfigError, match=r"optim\.base_lrr"):
+        load_config(recipe)
+
+
+def test_cli_config_error_exit_code_2_without_traceback(capsys):
+    assert main(["pretrain", "--config", "tiny_cpu", "optim.nope=3"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.nope" in err
+    assert "Traceback" not in err
+
+
+def test_missing_recipe_is_a_clear_error():
+    with pytest.raises(ConfigError, match="not found.*tiny_cpu"):
+        load_config("does_not_exist")
+
+
+def test_derived_values_sqrt_rule_not_written_back():
+    cfg = load_config("configs/vitb14_cxr.yaml", ["data.batch_size=32"])
+    d = derive(cfg, world_size=8)
+    assert d.global_batch == 256
+    assert d.lr == pytest.approx(4e-3 * math.sqrt(256 / 1024))
+    assert d.total_steps == 100 * 1250
+    assert d.warmup_steps == 10 * 1250
+    assert d.freeze_last_layer_steps == 1250
+    assert cfg.optim.base_lr == 4e-3  # the config keeps the base value
+
+
+def test_vitb14_recipe_matches_dinov2_defaults():
+    cfg = load_config("vitb14_cxr")
+    assert (cfg.model.arch, cfg.model.patch_size, cfg.head.out_dim, cfg.head.bottleneck_dim, cfg.head.hidden_dim) == (
+        "base", 14, 65536, 256, 2048)
+    assert (cfg.crops.n_global, cfg.crops.global_size, cfg.crops.n_local, cfg.crops.local_size) == (2, 224, 8, 98)
+    assert list(cfg.crops.global_scale) == [0.32, 1.0] and list(cfg.crops.local_scale) == [0.05, 0.32]
+    assert (cfg.mask.prob, cfg.mask.ratio_min, cfg.mask.ratio_max) == (0.5, 0.1, 0.5)
+    assert (cfg.teacher.temp_start, cfg.teacher.temp_end, cfg.teacher.momentum_start) == (0.04, 0.07, 0.992)
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.layer_decay) == (0.04, 0.4, 0.9)
+    assert (cfg.optim.patch_embed_lr_mult, cfg.optim.clip_grad, cfg.loss.koleo_weight) == (0.2, 3.0, 0.1)
