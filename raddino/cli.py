@@ -16,6 +16,10 @@ log = logging.getLogger(__name__)
 COMMANDS: dict[str, str] = {
     "pretrain": "raddino.commands.pretrain",
     "demo": "raddino.commands.demo",
+    "shard": "raddino.commands.shard",
+    "eval": "raddino.commands.eval",
+    "export": "raddino.commands.export",
+    "bench": "raddino.commands.bench",
 }
 
 

@@ -31,9 +31,13 @@ class ModelConfig:
     num_registers: int = 0
     drop_path_rate: float = 0.1
     layerscale: float = 1e-5
-    pos_embed_interp: str = "dinov2"  # dinov2 (offset 0.1, no antialias) | dinov2_reg (no offset, antialias)
-    init_from: str | None = None  # continue pretraining from released weights (see docs)
-    init_strict: bool = True
+    # dinov2 (offset 0.1, no antialias) | dinov2_reg (no offset, antialias) | hf (no offset, no antialias) |
+    # auto (the rule of the model.init_from source, dinov2 without one); docs/INTEROP.md
+    pos_embed_interp: str = "dinov2"
+    init_from: str | None = None  # continue pretraining from released weights (docs/INTEROP.md)
+    init_format: str = "auto"  # auto | dinov2 (Meta hub layout) | timm | hf (transformers directory) | raddino
+    init_head: str | None = None  # DINO head weights (e.g. RAD-DINO's dino_head.safetensors); none: fresh heads
+    init_strict: bool = True  # false: load what matches and report the rest instead of failing
 
 
 @dataclass
@@ -88,6 +92,13 @@ class DataConfig:
     synthetic_size: int = 128
     batch_size: int = 64  # per device
     num_workers: int = 2
+    # source=shards (docs/DATA.md, "Streaming"): one WebDataset URL pattern per dataset -- local brace pattern
+    # (/data/shard-{000000..000099}.tar), a shard directory, http(s)://, s3://, pipe:; join patterns of one
+    # dataset with '::'.
+    shards: list[str] = field(default_factory=list)
+    shard_weights: list[float] = field(default_factory=list)  # sampling weight per entry of `shards`; empty = equal
+    shuffle_buffer: int = 1000  # samples per worker held for shuffling (0 = stream order)
+    resampled: bool = True  # draw shards with replacement (endless); false = passes without repetition
 
 
 @dataclass
@@ -147,7 +158,8 @@ class RaddinoConfig:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("tiny", "small", "base", "large", "giant"),
-    "model.pos_embed_interp": ("dinov2", "dinov2_reg"),
+    "model.pos_embed_interp": ("auto", "dinov2", "dinov2_reg", "hf"),
+    "model.init_format": ("auto", "dinov2", "timm", "hf", "raddino"),
     "loss.centering": ("sinkhorn_knopp", "centering"),
     "data.source": ("synthetic", "npz", "shards"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -237,13 +249,19 @@ class Derived:
     warmup_steps: int
     teacher_temp_warmup_steps: int
     freeze_last_layer_steps: int
+    # model.pos_embed_interp after resolving ``auto`` against model.init_from: what the run's backbone uses
+    pos_embed_interp: str
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def derive(cfg: DictConfig, *, world_size: int) -> Derived:
-    """Scale the learning rate with the sqrt rule and turn epoch counts into step counts."""
+def derive(cfg: DictConfig, *, world_size: int, pos_embed_interp: str | None = None) -> Derived:
+    """Scale the learning rate with the sqrt rule and turn epoch counts into step counts.
+
+    ``pos_embed_interp``: the rule the built backbone resolved ``model.pos_embed_interp=auto`` to (default: the
+    configured value).
+    """
     global_batch = cfg.data.batch_size * world_size
     scale = math.sqrt(global_batch / cfg.optim.reference_batch)
     total = cfg.train.epochs * cfg.train.steps_per_epoch
@@ -258,6 +276,7 @@ def derive(cfg: DictConfig, *, world_size: int) -> Derived:
         warmup_steps=cfg.optim.warmup_epochs * spe,
         teacher_temp_warmup_steps=cfg.teacher.temp_warmup_epochs * spe,
         freeze_last_layer_steps=cfg.optim.freeze_last_layer_epochs * spe,
+        pos_embed_interp=pos_embed_interp or cfg.model.pos_embed_interp,
     )
 
 

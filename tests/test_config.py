@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from omegaconf.errors import ReadonlyConfigError
 
 from raddino.cli import main
 from raddino.config import derive, load_config
@@ -15,15 +16,21 @@ def test_defaults_recipe_then_overrides_and_frozen():
     assert cfg.optim.base_lr == 0.5  # from the override
     assert cfg.model.num_registers == 4
     assert cfg.optim.layer_decay == 0.9  # from the defaults
-    with pytest.raises(Exception):
+    with pytest.raises(ReadonlyConfigError):
         cfg.optim.base_lr = 1.0  # frozen
 
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("optim.lrr=1", "optim.lrr"), ("nosuch.key=1", "nosuch"), ("optim.base_lr=abc", "optim.base_lr"),
-     ("model.arch=huge", "model.arch"), ("train.epochs=1.5", "train.epochs"),
-     ("crops.global_scale=[0.5,0.2]", "crops.global_scale"), ("crops.global_size=50", "crops.global_size")],
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("nosuch.key=1", "nosuch"),
+        ("optim.base_lr=abc", "optim.base_lr"),
+        ("model.arch=huge", "model.arch"),
+        ("train.epochs=1.5", "train.epochs"),
+        ("crops.global_scale=[0.5,0.2]", "crops.global_scale"),
+        ("crops.global_size=50", "crops.global_size"),
+    ],
 )
 def test_bad_override_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -63,10 +70,27 @@ def test_derived_values_sqrt_rule_not_written_back():
 def test_vitb14_recipe_matches_dinov2_defaults():
     cfg = load_config("vitb14_cxr")
     assert (cfg.model.arch, cfg.model.patch_size, cfg.head.out_dim, cfg.head.bottleneck_dim, cfg.head.hidden_dim) == (
-        "base", 14, 65536, 256, 2048)
+        "base",
+        14,
+        65536,
+        256,
+        2048,
+    )
     assert (cfg.crops.n_global, cfg.crops.global_size, cfg.crops.n_local, cfg.crops.local_size) == (2, 224, 8, 98)
     assert list(cfg.crops.global_scale) == [0.32, 1.0] and list(cfg.crops.local_scale) == [0.05, 0.32]
     assert (cfg.mask.prob, cfg.mask.ratio_min, cfg.mask.ratio_max) == (0.5, 0.1, 0.5)
     assert (cfg.teacher.temp_start, cfg.teacher.temp_end, cfg.teacher.momentum_start) == (0.04, 0.07, 0.992)
     assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.layer_decay) == (0.04, 0.4, 0.9)
     assert (cfg.optim.patch_embed_lr_mult, cfg.optim.clip_grad, cfg.loss.koleo_weight) == (0.2, 3.0, 0.1)
+
+
+@pytest.mark.parametrize("command", ["pretrain", "demo", "shard", "eval", "export", "bench"])
+def test_every_command_has_help(command, capsys):
+    """Every sub-command is registered with the top-level parser and prints its own help."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: raddino {command}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert command in capsys.readouterr().out

@@ -26,9 +26,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", "-c", default=None,
-                        help="recipe YAML path or name in configs/ (e.g. tiny_cpu, vitb14_cxr); default: built-in "
-                             "defaults")
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help="recipe YAML path or name in configs/ (e.g. tiny_cpu, vitb14_cxr); default: built-in defaults",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.base_lr=1e-3")
     parser.set_defaults(func=run)
@@ -43,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     summary = fit(build_training(cfg))
-    print(f"done: {summary.steps} steps in {summary.seconds:.0f} s, {summary.refused_steps} refused; "
-          f"checkpoint: {summary.last_checkpoint}")
+    print(
+        f"done: {summary.steps} steps in {summary.seconds:.0f} s, {summary.refused_steps} refused; "
+        f"checkpoint: {summary.last_checkpoint}"
+    )
     return 0

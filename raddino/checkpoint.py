@@ -1,0 +1,126 @@
+"""Checkpoints with ``torch.distributed.checkpoint`` (DCP): atomic, keep-last-k, resumable on any world size.
+
+Layout of ``RUN/checkpoints/step_0000100/``: DCP shards of ``{"model", "optimizer"}`` (the model being the whole
+student/teacher meta-architecture, so centers and the teacher are included) and ``state.json`` (step, data position,
+world size). A checkpoint is written into ``.tmp-step_…`` and renamed when every rank has finished, so a directory
+named ``step_…`` is always complete.
+
+RNG state is not stored as opaque generator blobs: every random draw in training is a function of (seed, step,
+rank) -- augmentations and masks of the sample position, stochastic depth of the default generator that the trainer
+reseeds each step (:func:`raddino.train.step_seed`) -- so ``step`` and ``data_position`` *are* the RNG state. That is
+what lets a run resume exactly, including on a different number of GPUs for the data stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from raddino.errors import RaddinoError
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d{7,})$")
+_TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """Everything besides tensors that a resumed run needs."""
+
+    step: int  # optimizer steps completed
+    data_position: int  # global sample position the data stream continues from
+    world_size: int
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class CheckpointManager:
+    def __init__(self, directory: str | Path, *, keep_last: int) -> None:
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+    def latest(self) -> Path | None:
+        found = self.complete()
+        return found[-1] if found else None
+
+    def save(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState) -> Path:
+        final = self.directory / f"step_{state.step:07d}"
+        tmp = self.directory / f"{_TMP_PREFIX}{final.name}"
+        if _rank() == 0:
+            if tmp.exists():  # left over from a run killed while saving
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        _barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():
+            # single-process runs save without a process group on purpose; DCP warns about that on every save
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
+        _barrier()
+        if _rank() == 0:
+            (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
+            if final.exists():  # same step saved again (e.g. the final step after a periodic save)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in self.complete()[: -self.keep_last] if self.keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("saved checkpoint %s", final)
+        _barrier()
+        return final
+
+    def load(self, path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
+        """Load model + optimizer in place, resharding to the current world size."""
+        path = Path(path)
+        state_file = path / "state.json"
+        if not state_file.is_file():
+            raise RaddinoError(f"not a complete raddino checkpoint (no state.json): {path}")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        to_load = {"model": model_sd, "optimizer": optim_sd}
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(to_load, checkpoint_id=path)
+        except Exception as err:  # DCP reports missing/mismatched keys with long nested errors
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RaddinoError(f"cannot load checkpoint {path}: {first}") from err
+        set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optimizer"])
+        saved = TrainerState(**json.loads(state_file.read_text()))
+        log.info("resumed from %s (step %d)", path, saved.step)
+        return saved
+
+    def resolve_resume(self, resume: str) -> Path | None:
+        """``auto`` -> newest complete checkpoint or None; ``none`` -> None; otherwise a checkpoint path."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not (path / "state.json").is_file():
+            raise RaddinoError(f"train.resume={resume}: not a complete raddino checkpoint directory")
+        return path

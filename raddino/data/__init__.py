@@ -1,0 +1,1 @@
+"""Data: image sources, multi-crop augmentation, iBOT masks, batches, shards."""

@@ -1,0 +1,143 @@
+"""Student–teacher meta-architecture: DINO + iBOT + KoLeo losses and the EMA teacher.
+
+The student sees every crop (global crops with iBOT masks, local crops unmasked); the teacher sees the global
+crops only. Teacher targets are centred with Sinkhorn-Knopp (default) or an EMA center, both from
+:mod:`raddino.losses.centering`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from raddino.data.batch import SSLBatch
+from raddino.losses.centering import centered_softmax, sinkhorn_knopp, update_center
+from raddino.losses.dino import dino_loss
+from raddino.losses.ibot import ibot_loss
+from raddino.losses.koleo import koleo_loss
+
+
+@dataclass
+class SSLOutput:
+    """Loss terms (scalars, fp32) and collapse monitors of one step."""
+
+    loss: Tensor
+    dino: Tensor
+    ibot: Tensor
+    koleo: Tensor
+    teacher_entropy: Tensor  # mean per-sample entropy (nats) of the teacher's CLS targets; 0 or log K = collapse
+    student_std: Tensor  # std over the batch of L2-normalised student CLS features, averaged over dims
+
+    def terms(self) -> dict[str, Tensor]:
+        return {"dino": self.dino, "ibot": self.ibot, "koleo": self.koleo}
+
+
+class SSLMetaArch(nn.Module):
+    """Holds ``student`` and ``teacher`` (each a ModuleDict with ``backbone``, ``dino_head``, optional ``ibot_head``).
+
+    The teacher starts as a copy of the student, never receives gradients and is updated by :meth:`update_teacher`.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        dino_head: nn.Module,
+        ibot_head: nn.Module | None,
+        n_global: int,
+        n_local: int,
+        student_temp: float,
+        centering: str,
+        sinkhorn_iterations: int,
+        center_momentum: float,
+        dino_weight: float,
+        ibot_weight: float,
+        koleo_weight: float,
+    ) -> None:
+        super().__init__()
+        student = {"backbone": backbone, "dino_head": dino_head}
+        if ibot_head is not None:
+            student["ibot_head"] = ibot_head
+        self.student = nn.ModuleDict(student)
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False)
+        self.n_global = n_global
+        self.n_local = n_local
+        self.student_temp = student_temp
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.center_momentum = center_momentum
+        self.dino_weight = dino_weight
+        self.ibot_weight = ibot_weight
+        self.koleo_weight = koleo_weight
+        out_dim = dino_head.out_dim
+        self.register_buffer("dino_center", torch.zeros(1, out_dim))
+        self.register_buffer("ibot_center", torch.zeros(1, (ibot_head or dino_head).out_dim))
+
+    def _ibot_head(self, tower: nn.ModuleDict) -> nn.Module:
+        return tower["ibot_head"] if "ibot_head" in tower else tower["dino_head"]
+
+    def _targets(self, logits: Tensor, *, temp: float, center_name: str, n_samples: Tensor | None = None) -> Tensor:
+        """Teacher logits (N, K) -> target probabilities (N, K); updates the EMA center in ``centering`` mode."""
+        logits = logits.float()
+        if self.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(logits, temp=temp, n_iters=self.sinkhorn_iterations, n_samples=n_samples)
+        center = getattr(self, center_name)
+        probs = centered_softmax(logits, center, temp)
+        center.copy_(update_center(center, logits, self.center_momentum))
+        return probs
+
+    @torch.no_grad()
+    def _teacher_targets(self, batch: SSLBatch, *, teacher_temp: float) -> tuple[Tensor, Tensor]:
+        """Returns CLS targets (G, B, K) and masked-patch targets (M, K)."""
+        tower = self.teacher
+        out = tower["backbone"].forward_features(batch.global_crops)
+        cls_logits = tower["dino_head"](out.cls)
+        patch_logits = self._ibot_head(tower)(out.patch[batch.masks])
+        cls_probs = self._targets(cls_logits, temp=teacher_temp, center_name="dino_center")
+        n_masked = batch.masks.sum().reshape(1).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n_masked)
+        patch_probs = self._targets(patch_logits, temp=teacher_temp, center_name="ibot_center", n_samples=n_masked)
+        return cls_probs.reshape(self.n_global, batch.batch_size, -1), patch_probs
+
+    def forward(self, batch: SSLBatch, *, teacher_temp: float) -> SSLOutput:
+        cls_targets, patch_targets = self._teacher_targets(batch, teacher_temp=teacher_temp)
+        tower = self.student
+        glob = tower["backbone"].forward_features(batch.global_crops, masks=batch.masks)
+        cls_tokens = [glob.cls]
+        if self.n_local:
+            cls_tokens.append(tower["backbone"].forward_features(batch.local_crops).cls)
+        cls_logits = tower["dino_head"](torch.cat(cls_tokens)).float()
+        n_crops = self.n_global + self.n_local
+        dino = dino_loss(cls_logits.reshape(n_crops, batch.batch_size, -1), cls_targets, self.student_temp)
+        patch_logits = self._ibot_head(tower)(glob.patch[batch.masks]).float()
+        ibot = ibot_loss(patch_logits, patch_targets, batch.masks, self.student_temp)
+        koleo = sum(koleo_loss(c) for c in glob.cls.float().chunk(self.n_global))
+        loss = self.dino_weight * dino + self.ibot_weight * ibot + self.koleo_weight * koleo
+        with torch.no_grad():
+            entropy = -(cls_targets * cls_targets.clamp_min(1e-12).log()).sum(-1).mean()
+            student_std = nn.functional.normalize(glob.cls.float(), dim=-1).std(0).mean()
+        return SSLOutput(
+            loss=loss,
+            dino=dino.detach(),
+            ibot=ibot.detach(),
+            koleo=koleo.detach(),
+            teacher_entropy=entropy,
+            student_std=student_std,
+        )
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA: teacher = momentum * teacher + (1 - momentum) * student, over all parameters at once."""
+        teacher = list(self.teacher.parameters())
+        student = list(self.student.parameters())
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+
+    def student_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.student.named_parameters())

@@ -1,0 +1,103 @@
+"""Contract tests of the student-teacher meta-architecture on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raddino.build import meta_arch_from_config
+from raddino.config import load_config
+from raddino.data.batch import SSLBatch
+
+TINY = [
+    "model.img_size=28",
+    "crops.global_size=28",
+    "crops.local_size=14",
+    "crops.n_local=2",
+    "head.out_dim=128",
+    "head.hidden_dim=64",
+    "head.bottleneck_dim=32",
+    "model.drop_path_rate=0.1",
+]
+
+
+def _batch(b: int = 4, seed: int = 0) -> SSLBatch:
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(2 * b, 4, dtype=torch.bool)
+    masks[0, :2] = True
+    masks[3, 1:] = True
+    return SSLBatch(
+        global_crops=torch.randn(2 * b, 3, 28, 28, generator=g),
+        local_crops=torch.randn(2 * b, 3, 14, 14, generator=g),
+        masks=masks,
+        labels=None,
+    )
+
+
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "centering"])
+@pytest.mark.parametrize("separate", [False, True])
+def test_every_student_param_gets_a_grad_teacher_none(centering, separate):
+    torch.manual_seed(0)
+    cfg = load_config("tiny_cpu", [*TINY, f"loss.centering={centering}", f"loss.ibot_separate_head={separate}"])
+    model = meta_arch_from_config(cfg)
+    out = model(_batch(), teacher_temp=0.04)
+    for value in (out.loss, out.dino, out.ibot, out.koleo, out.teacher_entropy, out.student_std):
+        assert torch.isfinite(value)
+    assert out.ibot > 0 and out.dino > 0
+    out.loss.backward()
+    for name, p in model.student.named_parameters():
+        assert p.grad is not None, f"student {name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+    for name, p in model.teacher.named_parameters():
+        assert not p.requires_grad and p.grad is None, f"teacher {name} must not get gradients"
+    if centering == "centering":
+        assert model.dino_center.abs().sum() > 0  # EMA center moved
+    else:
+        assert model.dino_center.abs().sum() == 0  # unused with Sinkhorn-Knopp
+
+
+def test_ema_moves_teacher_towards_student():
+    torch.manual_seed(0)
+    model = meta_arch_from_config(load_config("tiny_cpu", TINY))
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(0.1)
+    t0 = [p.detach().clone() for p in model.teacher.parameters()]
+    s = [p.detach().clone() for p in model.student.parameters()]
+    model.update_teacher(0.9)
+    for before, after, stud in zip(t0, model.teacher.parameters(), s, strict=True):
+        torch.testing.assert_close(after, 0.9 * before + 0.1 * stud)
+    model.update_teacher(1.0)  # momentum 1 keeps the teacher fixed
+    for a, b in zip(model.teacher.parameters(), [p.detach().clone() for p in model.teacher.parameters()], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_no_masks_gives_zero_ibot_but_still_backprops():
+    torch.manual_seed(0)
+    model = meta_arch_from_config(load_config("tiny_cpu", TINY))
+    batch = _batch()
+    batch.masks[:] = False
+    out = model(batch, teacher_temp=0.04)
+    assert out.ibot == 0
+    out.loss.backward()
+    assert model.student["backbone"].blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_demo_probe_table_compares_backbones_and_raw_pixels():
+    """The demo's probe: one row per backbone plus raw pixels, AUROCs in [0, 1], a markdown table."""
+    from raddino.build import backbone_from_config
+    from raddino.data.augment import EvalTransform
+    from raddino.probe import compare_backbones
+
+    cfg = load_config("tiny_cpu", TINY)
+    torch.manual_seed(0)
+    report = compare_backbones(
+        backbones={"random init": backbone_from_config(cfg.model)},
+        transform=EvalTransform(size=cfg.crops.global_size, mean=tuple(cfg.crops.mean), std=tuple(cfg.crops.std)),
+        image_size=32,
+        splits={"train": (40, 1), "val": (30, 2), "test": (40, 3)},
+        cs=(0.1, 1.0),
+    )
+    assert [r.name for r in report.rows] == ["random init", "raw pixels"]
+    assert all(0.0 <= r.auroc <= 1.0 and r.best_c in (0.1, 1.0) for r in report.rows)
+    assert report.table().count("\n") == 3 and report.auroc("raw pixels") == report.rows[1].auroc
