@@ -1,0 +1,306 @@
+"""``raddino bench``: speed benchmarks. ``raddino bench loader`` times the shard stream of pretraining.
+
+``loader`` measures images/s through the whole per-worker pipeline of :mod:`raddino.data.stream` (tar reading,
+shuffle buffer, PIL decode, multi-crop, iBOT masks, collation), in the main process (``--workers 0``, torch
+threads = 1) and with N DataLoader worker processes, on temporary 8- and 16-bit PNG shards made from the synthetic
+generator (or on ``--shards``). It also times decoding alone and crops + masks alone in one process, so the
+bottleneck is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  raddino bench loader                                  # synthetic 512 px 8- and 16-bit shards, 0 and 2 workers
+  raddino bench loader --workers 0,4,8 --batches 50
+  raddino bench loader --shards '/data/cxr/shard-{000000..000009}.tar' --workers 8
+
+Numbers depend on what else runs on the machine: compare runs made side by side.
+"""
+
+_SHARD_SAMPLES = 16  # samples per temporary shard
+_TAR_MTIME = 946_684_800  # the shard builder's fixed member mtime
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"need integers >= 0, got {text!r}")
+    return values
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="speed benchmarks (loader: the shard stream of pretraining)",
+        description="Speed benchmarks of raddino components.",
+    )
+    sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    loader = sub.add_parser(
+        "loader",
+        help="images/s of the shard stream: decode + multi-crop + masks, per worker and for N workers",
+        description=(
+            "Times the pretraining shard stream (tar reading, shuffle, PIL decode, multi-crop, iBOT masks, collation)\n"
+            "on temporary synthetic 8- and 16-bit PNG shards, or on --shards. Per configuration it prints images/s\n"
+            "and images/s per worker process (--workers 0 runs in this process with one torch thread), plus decode\n"
+            "alone and crops + masks alone in one process."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    loader.add_argument(
+        "--shards",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="shard URL pattern to read instead of synthetic shards (repeatable)",
+    )
+    loader.add_argument("--size", type=int, default=512, help="side of the synthetic images in pixels (default 512)")
+    loader.add_argument(
+        "--images",
+        type=int,
+        default=64,
+        help="distinct synthetic images per bit depth (default 64; the stream resamples them)",
+    )
+    loader.add_argument(
+        "--bit-depths", type=_int_list, default=[8, 16], help="synthetic PNG bit depths, comma-separated (default 8,16)"
+    )
+    loader.add_argument(
+        "--workers",
+        type=_int_list,
+        default=[0, 2],
+        help="DataLoader worker counts to time, comma-separated; 0 = main process (default 0,2)",
+    )
+    loader.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    loader.add_argument("--batches", type=int, default=20, help="timed batches per configuration (default 20)")
+    loader.add_argument("--global-size", type=int, default=224, help="global crop side (default 224)")
+    loader.add_argument("--local-size", type=int, default=98, help="local crop side (default 98)")
+    loader.add_argument("--n-global", type=int, default=2, help="global crops per image (default 2)")
+    loader.add_argument("--n-local", type=int, default=8, help="local crops per image (default 8)")
+    loader.add_argument("--patch-size", type=int, default=14, help="ViT patch size for the masks (default 14)")
+    loader.add_argument("--shuffle-buffer", type=int, default=100, help="shuffle buffer per worker (default 100)")
+    loader.add_argument("--seed", type=int, default=0, help="stream and synthetic-image seed (default 0)")
+    loader.set_defaults(func=run_loader)
+    probe = sub.add_parser(
+        "probe",
+        help="seconds for tiny-ViT feature extraction + linear-probe C sweep on PneumoniaMNIST",
+        description=(
+            "Times a linear-probe evaluation without the feature cache: features of all 5,856 PneumoniaMNIST images\n"
+            "from a random-init ViT-Ti at 64 px (the tiny recipe's token count), then the 45-point C sweep."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    probe.add_argument(
+        "--dataset",
+        type=Path,
+        default=None,
+        metavar="NPZ",
+        help="PneumoniaMNIST .npz (default ../shared/data/pneumoniamnist.npz)",
+    )
+    probe.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default 0)")
+    probe.set_defaults(func=run_probe)
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    from raddino.errors import RaddinoError
+    from raddino.eval.bench import DEFAULT_NPZ, run_bench
+
+    npz = args.dataset or DEFAULT_NPZ
+    if not npz.is_file():
+        raise RaddinoError(f"bench probe needs PneumoniaMNIST: {npz} not found (pass --dataset PATH.npz)")
+    print(run_bench(npz=npz, num_workers=args.num_workers).describe())
+    return 0
+
+
+@dataclass(frozen=True)
+class LoaderTiming:
+    label: str
+    workers: int
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def per_process(self) -> float:
+        """Images/s divided by the processes doing the work (the main process when workers = 0)."""
+        return self.images_per_second / max(1, self.workers)
+
+
+def _synthetic_image(index: int, *, seed: int, size: int, bit_depth: int) -> np.ndarray:
+    """A synthetic radiograph; 16-bit ones get independent noise in the low bits, like a 12-16-bit detector."""
+    from raddino.data.synthetic import synthetic_cxr
+
+    image, _ = synthetic_cxr(index, seed=seed, size=size)
+    if bit_depth == 8:
+        return image
+    noise = np.random.default_rng([seed, index]).normal(0.0, 64.0, size=image.shape)
+    return np.clip(np.rint(image.astype(np.float64) * 257.0 + noise), 0, 65535).astype(np.uint16)
+
+
+def _write_synthetic_shards(out_dir: Path, *, images: int, size: int, bit_depth: int, seed: int) -> str:
+    """``out_dir/shard-NNNNNN.tar`` in the shard builder's layout (``<key>.png`` + ``<key>.json``) -> brace pattern."""
+    from tqdm import tqdm
+
+    from raddino.data.shard import encode_png
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_shards = -(-images // _SHARD_SAMPLES)
+    with tqdm(total=images, desc=f"{bit_depth}-bit {size} px shards", disable=None, leave=False) as bar:
+        for s in range(n_shards):
+            with tarfile.open(out_dir / f"shard-{s:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+                for index in range(s * _SHARD_SAMPLES, min(images, (s + 1) * _SHARD_SAMPLES)):
+                    pixels = _synthetic_image(index, seed=seed, size=size, bit_depth=bit_depth)
+                    record = {"bit_depth": bit_depth, "format": "png", "size": list(pixels.shape)}
+                    members = (("png", encode_png(pixels, compress_level=1)), ("json", json.dumps(record).encode()))
+                    for ext, data in members:
+                        info = tarfile.TarInfo(f"{index:032x}.{ext}")
+                        info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
+                        tar.addfile(info, io.BytesIO(data))
+                    bar.update(1)
+    return str(out_dir / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def _stream(args: argparse.Namespace, patterns: list[str], num_batches: int):
+    from raddino.data.augment import MultiCropAugmentation
+    from raddino.data.stream import ShardStream, shard_sets
+
+    augmentation = MultiCropAugmentation(
+        global_size=args.global_size, local_size=args.local_size, n_global=args.n_global, n_local=args.n_local
+    )
+    return ShardStream(
+        datasets=shard_sets(patterns),
+        augmentation=augmentation,
+        patch_size=args.patch_size,
+        mask_prob=0.5,
+        mask_ratio=(0.1, 0.5),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        shuffle_buffer=args.shuffle_buffer,
+        resampled=True,
+        num_batches=num_batches,
+    )
+
+
+def _time_loader(args: argparse.Namespace, patterns: list[str], workers: int, label: str) -> LoaderTiming:
+    """Times ``args.batches`` batches after ``max(1, workers)`` warm-up batches (worker start, buffer fill)."""
+    from tqdm import tqdm
+
+    from raddino.data.stream import build_stream_loader
+
+    warmup = max(1, workers)
+    stream = _stream(args, patterns, warmup + args.batches)
+    loader = build_stream_loader(stream, num_workers=workers, pin_memory=False)
+    batches: Iterator = iter(loader)
+    for _ in range(warmup):
+        next(batches)
+    images = 0
+    start = time.perf_counter()
+    for batch in tqdm(batches, total=args.batches, desc=f"{label}, {workers} workers", disable=None, leave=False):
+        images += batch.batch_size
+    seconds = time.perf_counter() - start
+    del batches, loader  # stop the worker processes before the next configuration
+    return LoaderTiming(label, workers, images, seconds)
+
+
+def _time_stages(args: argparse.Namespace, patterns: list[str]) -> tuple[float, float]:
+    """Images/s in this process of decoding alone, and of crops + masks alone (on already decoded images)."""
+    from raddino.data.dataset import make_ssl_sample, sample_generator
+    from raddino.data.stream import decode_image
+
+    stream = _stream(args, patterns, 1)
+    worker = stream.worker_stream()
+    raws = [raw for raw, _ in zip(worker.raw_samples(), range(args.batch_size * 2), strict=False)]
+    start = time.perf_counter()
+    images = [decode_image(raw.data) for raw in raws]
+    decode = len(images) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for position, image in enumerate(images):
+        make_ssl_sample(
+            image,
+            None,
+            augmentation=stream.augmentation,
+            grid=stream.grid,
+            mask_prob=stream.mask_prob,
+            mask_ratio=stream.mask_ratio,
+            rng=sample_generator(args.seed, position),
+        )
+    augment = len(images) / (time.perf_counter() - start)
+    return decode, augment
+
+
+def run_loader(args: argparse.Namespace) -> int:
+    import torch
+
+    from raddino.errors import RaddinoError
+
+    if args.batch_size < 1 or args.batches < 1 or args.images < 1 or args.size < 16:
+        raise RaddinoError("--batch-size, --batches and --images must be >= 1 and --size >= 16")
+    if any(b not in (8, 16) for b in args.bit_depths):
+        raise RaddinoError(f"--bit-depths must be 8 and/or 16, got {args.bit_depths}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the main process works like one DataLoader worker
+    try:
+        with tempfile.TemporaryDirectory(prefix="raddino-bench-") as tmp:
+            if args.shards:
+                configs = [("shards", list(args.shards))]
+            else:
+                configs = [
+                    (
+                        f"{depth}-bit {args.size} px",
+                        [
+                            _write_synthetic_shards(
+                                Path(tmp) / f"{depth}bit",
+                                images=args.images,
+                                size=args.size,
+                                bit_depth=depth,
+                                seed=args.seed,
+                            )
+                        ],
+                    )
+                    for depth in args.bit_depths
+                ]
+            crops = (
+                f"{args.n_global}x{args.global_size} + {args.n_local}x{args.local_size} crops + masks, "
+                f"batch {args.batch_size}"
+            )
+            print(f"loader benchmark: decode + {crops}; {cores} CPU cores available")
+            print(f"{'data':<18} {'workers':>7} {'images/s':>9} {'per process':>11}")
+            for label, patterns in configs:
+                decode, augment = _time_stages(args, patterns)
+                for workers in args.workers:
+                    timing = _time_loader(args, patterns, workers, label)
+                    print(
+                        f"{label:<18} {workers:>7} {timing.images_per_second:>9.1f} {timing.per_process:>11.1f}",
+                        flush=True,
+                    )
+                print(
+                    f"{label:<18} one process: decode alone {decode:.0f} images/s, crops + masks alone "
+                    f"{augment:.0f} images/s"
+                )
+    finally:
+        torch.set_num_threads(threads)
+    if max(args.workers) > cores:
+        print(f"note: more workers than the {cores} available cores; per-process numbers are then not per core")
+    return 0
