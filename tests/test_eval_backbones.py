@@ -1,0 +1,204 @@
+"""Backbone adapters build offline with random weights, preprocess as declared and yield their declared dims."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raddino.errors import RaddinoError
+from raddino.eval.backbones import FEATURE_PROTOCOLS, Preprocess, build_backbone_adapter, layer_index
+
+
+def _batch(backbone, n: int = 2) -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return torch.stack([backbone.preprocess(rng.integers(0, 255, (28, 28), dtype=np.uint8)) for _ in range(n)])
+
+
+def _check_dims(backbone) -> dict[str, torch.Tensor]:
+    protocols = [p for p in FEATURE_PROTOCOLS if p != "dinov2_linear" or backbone.has_cls]
+    if not backbone.patch_dim:
+        protocols = ["cls"]
+    with torch.no_grad():
+        feats = backbone.features(_batch(backbone), protocols)
+    for protocol, value in feats.items():
+        assert value.shape == (2, backbone.feature_dim(protocol)), protocol
+        assert torch.isfinite(value).all()
+    return feats
+
+
+# SAM's encoder is natively 1024 px (too slow on a CPU): timm's img_size override builds it at 64 px.
+TIMM_CASES = [
+    ("timm:vit_small_patch14_dinov2", 28, 384, True),
+    ("timm:vit_small_patch14_reg4_dinov2", 28, 384, True),
+    ("timm:vit_base_patch16_224", 32, 768, True),
+    ("timm:samvit_base_patch16", 64, 256, False),
+    ("timm:focalnet_tiny_srf", 64, 768, False),
+    ("timm:resnet50", 64, 2048, False),
+]
+
+
+@pytest.mark.parametrize(("spec", "size", "dim", "has_cls"), TIMM_CASES)
+def test_timm_adapters_build_offline_and_yield_declared_dims(spec, size, dim, has_cls):
+    backbone = build_backbone_adapter(spec, random_init=True, img_size=size)
+    assert backbone.preprocess.size == size and backbone.has_cls == has_cls and backbone.cls_dim == dim
+    feats = _check_dims(backbone)
+    if has_cls:  # the last of the 4 CLS tokens of dinov2_linear is the final CLS token
+        d = backbone.cls_dim
+        torch.testing.assert_close(feats["dinov2_linear"][:, 3 * d : 4 * d], feats["cls"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(feats["dinov2_linear"][:, 4 * d :], feats["mean"], atol=1e-5, rtol=1e-5)
+    else:
+        with pytest.raises(RaddinoError, match="no CLS token"):
+            backbone.feature_dim("dinov2_linear")
+
+
+def test_timm_dinov2_registers_are_not_patches():
+    backbone = build_backbone_adapter("timm:vit_small_patch14_reg4_dinov2", random_init=True, img_size=28)
+    with torch.no_grad():
+        tokens = backbone.tokens(_batch(backbone), 1)[0]
+    assert tokens.patch.shape[1] == (28 // 14) ** 2  # 4 patches; the 4 registers and CLS are excluded
+
+
+def _hf_configs():
+    import transformers
+
+    small = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=8)
+    return {
+        "dinov2": transformers.Dinov2Config(image_size=32, **small),
+        "dinov2_reg": transformers.Dinov2WithRegistersConfig(image_size=32, num_register_tokens=4, **small),
+        "blip_vision": transformers.BlipVisionConfig(image_size=32, **small),
+    }
+
+
+@pytest.mark.parametrize("name", ["dinov2", "dinov2_reg", "blip_vision"])
+def test_hf_adapters_build_offline_and_yield_declared_dims(tmp_path: Path, name: str):
+    _hf_configs()[name].save_pretrained(tmp_path / name)
+    backbone = build_backbone_adapter(f"hf:{tmp_path / name}", random_init=True)
+    assert backbone.cls_dim == 32 and backbone.preprocess.size == 32
+    assert backbone.n_prefix == (5 if name == "dinov2_reg" else 1)
+    if name == "blip_vision":
+        assert backbone.preprocess.mean[0] == pytest.approx(0.48145466)  # CLIP statistics
+    feats = _check_dims(backbone)
+    torch.testing.assert_close(feats["dinov2_linear"][:, 96:128], feats["cls"], atol=1e-5, rtol=1e-5)
+
+
+def test_hf_reads_the_preprocessor_config(tmp_path: Path):
+    _hf_configs()["dinov2"].save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(
+        '{"image_mean": [0.53, 0.53, 0.53], "image_std": [0.26, 0.26, 0.26], "crop_size": {"height": 40}}'
+    )
+    backbone = build_backbone_adapter(f"hf:{tmp_path}", random_init=True)
+    assert backbone.preprocess == Preprocess(size=40, mean=(0.53,) * 3, std=(0.26,) * 3)
+
+
+def test_open_clip_adapter_or_clear_message():
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        with pytest.raises(RaddinoError, match="pip install 'raddino\\[open_clip\\]'"):
+            build_backbone_adapter("open_clip:ViT-B-32/openai", random_init=True)
+        return
+    backbone = build_backbone_adapter("open_clip:ViT-B-32", random_init=True, img_size=64)
+    assert backbone.cls_dim == 512 and backbone.patch_dim == 768
+    _check_dims(backbone)
+
+
+def test_weights_file_and_seeded_random_init(tmp_path: Path):
+    state = torch.get_rng_state()
+    a = build_backbone_adapter("timm:vit_tiny_patch16_224", random_init=True, img_size=32, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG stream is untouched
+    b = build_backbone_adapter("timm:vit_tiny_patch16_224", random_init=True, img_size=32, seed=1)
+    c = build_backbone_adapter("timm:vit_tiny_patch16_224", random_init=True, img_size=32, seed=2)
+    assert a.weights_digest() == b.weights_digest() != c.weights_digest()
+    torch.save(c.model.state_dict(), tmp_path / "c.pth")
+    loaded = build_backbone_adapter("timm:vit_tiny_patch16_224", weights=tmp_path / "c.pth", img_size=32)
+    assert loaded.weights_digest() == c.weights_digest()
+    with pytest.raises(RaddinoError, match="weights file not found"):
+        build_backbone_adapter("timm:vit_tiny_patch16_224", weights=tmp_path / "nope.pth")
+
+
+def test_unknown_backbones_are_user_errors():
+    with pytest.raises(RaddinoError, match="unknown backbone 'dinov2'"):
+        build_backbone_adapter("dinov2", random_init=True)
+    with pytest.raises(RaddinoError, match="unknown timm model 'vit_imaginary'"):
+        build_backbone_adapter("timm:vit_imaginary", random_init=True)
+
+
+def test_preprocess_gray_colour_resize_and_pad():
+    pre = Preprocess(size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    gray = np.full((8, 8), 255, dtype=np.uint8)
+    resized = pre(gray)
+    assert resized.shape == (3, 16, 16)
+    torch.testing.assert_close(resized, torch.ones(3, 16, 16))  # (1 - 0.5) / 0.5, all channels equal
+    padded = pre(gray, resize="pad")
+    assert padded[:, 4:12, 4:12].eq(1.0).all() and padded[:, :4].eq(-1.0).all()  # centred on black
+    colour = np.zeros((20, 30, 3), dtype=np.uint8)
+    colour[..., 0] = 255
+    rgb = pre(colour)
+    assert rgb[0].eq(1.0).all() and rgb[1].eq(-1.0).all()  # colour kept, central square of the wide image
+    gray_model = Preprocess(size=16, mean=(0.0,) * 3, std=(1.0,) * 3, gray=True)
+    torch.testing.assert_close(gray_model(colour), torch.full((3, 16, 16), 0.299))  # BT.601 luma of pure red
+    sixteen = np.full((8, 8), 65535, dtype=np.uint16)
+    torch.testing.assert_close(pre(sixteen), torch.ones(3, 16, 16))
+
+
+def test_layer_index_names():
+    assert layer_index("blocks.3.attn.qkv.weight") == 4
+    assert layer_index("encoder.layer.0.mlp.fc1.weight") == 1
+    assert layer_index("layer2.0.conv1.weight") == 2
+    assert layer_index("patch_embed.proj.weight") == 0
+    assert layer_index("embeddings.cls_token") == 0
+    assert layer_index("norm.weight") is None
+
+
+def test_ours_from_a_run_directory_and_an_export(tmp_path: Path):
+    """Two real pretraining steps -> the adapter reads the checkpoint's teacher backbone; an export (config.yaml +
+    safetensors) gives the same features; random_init gives different ones."""
+    from safetensors.torch import save_file
+
+    from raddino.config import load_config
+    from raddino.train import build_training, fit
+
+    overrides = [
+        "model.img_size=28",
+        "crops.global_size=28",
+        "crops.local_size=14",
+        "crops.n_local=2",
+        "head.out_dim=128",
+        "head.hidden_dim=32",
+        "head.bottleneck_dim=16",
+        "data.synthetic_count=32",
+        "data.synthetic_size=56",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "train.steps_per_epoch=2",
+        "train.epochs=1",
+        "train.max_steps=2",
+        "train.checkpoint_every=2",
+        "optim.warmup_epochs=0",
+        "teacher.temp_warmup_epochs=0",
+        "train.progress=false",
+        f"train.output_dir={tmp_path / 'run'}",
+    ]
+    training = build_training(load_config("tiny_cpu", overrides))
+    fit(training)
+    teacher = training.model.teacher["backbone"].eval()
+    ours = build_backbone_adapter(f"ours:{tmp_path / 'run'}")
+    assert ours.preprocess.size == 28 and ours.preprocess.gray and ours.cls_dim == 192
+    feats = _check_dims(ours)
+    with torch.no_grad():
+        expected = teacher.forward_features(_batch(ours)).cls
+    torch.testing.assert_close(feats["cls"], expected)
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.yaml").write_text((tmp_path / "run" / "config.yaml").read_text())
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, export / "backbone.safetensors")
+    exported = build_backbone_adapter(f"ours:{export}")
+    assert exported.weights_digest() == ours.weights_digest()
+    random = build_backbone_adapter(f"ours:{tmp_path / 'run'}", random_init=True)
+    assert random.weights_digest() != ours.weights_digest()
+    with pytest.raises(RaddinoError, match="config.yaml"):
+        build_backbone_adapter(f"ours:{tmp_path}")

@@ -1,0 +1,188 @@
+"""Suites, the protocol runner, fine-tuning and the ``raddino eval`` command end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raddino.cli import main
+from raddino.errors import RaddinoError
+from raddino.eval.backbones import build_backbone_adapter
+from raddino.eval.finetune import TrainSchedule, param_groups, train_linear_head
+from raddino.eval.runner import read_records
+from raddino.eval.suite import load_suite, suite_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+SUITES = sorted((REPO / "eval").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SUITES, ids=[p.stem for p in SUITES])
+def test_shipped_suites_parse(path: Path):
+    suite = load_suite(path)
+    assert suite.datasets and suite.backbones
+
+
+def test_suite_unknown_keys_are_named():
+    with pytest.raises(RaddinoError, match="unknown key\\(s\\) protocol"):
+        suite_from_dict({"protocol": ["linear"]}, name="x")
+    with pytest.raises(RaddinoError, match="dataset d: unknown key\\(s\\) lable_columns"):
+        suite_from_dict({"datasets": [{"name": "d", "kind": "csv", "path": "a.csv", "lable_columns": ["y"]}]}, name="x")
+    with pytest.raises(RaddinoError, match="unknown protocol 'svm'"):
+        suite_from_dict({"protocols": ["svm"]}, name="x")
+
+
+def test_missing_public_dataset_names_the_file(tmp_path: Path, capsys):
+    code = main(
+        [
+            "eval",
+            "--suite",
+            str(REPO / "eval" / "nih_cxr14.yaml"),
+            "--data-root",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Data_Entry_2017.csv" in err and "docs/EVAL.md" in err
+
+
+def test_unknown_backbone_is_a_clear_cli_error(pneumoniamnist: Path, tmp_path: Path, capsys):
+    code = main(["eval", "--dataset", str(pneumoniamnist), "--backbone", "dinov3:giant", "--out", str(tmp_path)])
+    assert code == 2
+    assert "unknown backbone 'dinov3:giant'" in capsys.readouterr().err
+
+
+def test_layer_wise_lr_decay_groups():
+    backbone = build_backbone_adapter("timm:vit_tiny_patch16_224", random_init=True, img_size=32)
+    head = torch.nn.Linear(192, 1)
+    groups = param_groups(head=head, backbone=backbone.model, layer_decay=0.5, weight_decay=0.05)
+    mult_of = {id(p): g["lr_mult"] for g in groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(backbone.model.named_parameters())
+    depth = 12  # ViT-Ti blocks: block i gets 0.5 ** (12 + 1 - (i + 1)), the input layer 0.5 ** 13
+    assert mult_of[id(named["blocks.11.mlp.fc1.weight"])] == 0.5
+    assert mult_of[id(named["blocks.0.attn.qkv.weight"])] == 0.5**depth
+    assert mult_of[id(named["patch_embed.proj.weight"])] == 0.5 ** (depth + 1)
+    assert mult_of[id(named["norm.weight"])] == 1.0 and mult_of[id(head.weight)] == 1.0
+    assert wd_of[id(named["blocks.0.attn.qkv.weight"])] == 0.05
+    assert wd_of[id(named["blocks.0.attn.qkv.bias"])] == 0.0 and wd_of[id(named["cls_token"])] == 0.0
+
+
+def test_frozen_head_learns_and_restores_the_best_epoch():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    x = rng.normal(size=(300, 8)).astype(np.float32) + 3.0 * y[:, None]
+    schedule = TrainSchedule(epochs=6, lr=1e-2, batch_size=32, patience=2)
+    result = train_linear_head(
+        train=(x[:200], y[:200]),
+        val=(x[200:250], y[200:250]),
+        test=(x[250:], y[250:]),
+        task="binary",
+        schedule=schedule,
+        seed=0,
+        n_bootstrap=0,
+    )
+    assert result.test_metrics["auroc"] > 0.99
+    assert result.best_param == float(np.argmax(result.val_curve))
+    again = train_linear_head(
+        train=(x[:200], y[:200]),
+        val=(x[200:250], y[200:250]),
+        test=(x[250:], y[250:]),
+        task="binary",
+        schedule=schedule,
+        seed=0,
+        n_bootstrap=0,
+    )
+    np.testing.assert_array_equal(result.test_scores, again.test_scores)  # seeded
+
+
+def test_every_protocol_end_to_end_on_pneumoniamnist(shared_data: Path, pneumoniamnist: Path, tmp_path: Path):
+    """A random-init tiny ViT through the smoke suite: linear, both kNNs, frozen and unfrozen fine-tuning, label
+    fractions and seeds; then the report files; then a cached re-run."""
+    out = tmp_path / "run"
+    args = [
+        "eval",
+        "--suite",
+        str(REPO / "eval" / "smoke_cpu.yaml"),
+        "--data-root",
+        str(shared_data),
+        "--limit",
+        "160",
+        "--features",
+        "cls",
+        "dinov2_linear",
+        "--bootstrap",
+        "100",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    assert main(args) == 0
+    records = read_records(out / "results.jsonl")
+    # linear / kNN: 2 features x (0.1: 2 seeds + 1.0: 1 seed) each; fine-tuning: 1 feature x 4 runs each
+    counts = {p: sum(r.protocol == p for r in records) for p in {r.protocol for r in records}}
+    assert counts == {"linear": 6, "knn_cosine": 6, "knn_euclidean": 6, "finetune_frozen": 4, "finetune_unfrozen": 4}
+    for record in records:
+        assert 0.0 <= record.metrics["auroc"] <= 1.0 and record.n_test == 160
+        assert record.n_train == (16 if record.fraction == 0.1 else 160)
+    markdown = (out / "results.md").read_text()
+    assert "## finetune_unfrozen · cls · 10% of training labels" in markdown and "(n=2)" in markdown
+    assert (out / "results.csv").read_text().count("\n") == len(records) + 1
+    assert (out / "plots" / "bar_linear_cls.png").stat().st_size > 1000
+    assert (out / "plots" / "label_efficiency_pneumoniamnist_knn_cosine_dinov2_linear.png").is_file()
+    first_line = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert set(first_line["ci"]) == set(first_line["metrics"])
+    # A second run with the same cache recomputes nothing for the feature protocols and gives the same probes.
+    again = tmp_path / "again"
+    assert main([*args[:-4], "--protocol", "linear", "--out", str(again), "--cache-dir", str(tmp_path / "cache")]) == 0
+    rerun = {(r.features, r.fraction, r.seed): r.metrics for r in read_records(again / "results.jsonl")}
+    for r in records:
+        if r.protocol == "linear":
+            assert rerun[(r.features, r.fraction, r.seed)] == r.metrics
+
+
+def test_runner_multilabel_and_regression_csv(tmp_path: Path):
+    """Multi-label findings and a continuous target (age) through linear, kNN and the frozen head."""
+    from PIL import Image
+
+    from raddino.eval.report import write_report
+    from raddino.eval.runner import RunOptions, SuiteRunner
+
+    rng = np.random.default_rng(0)
+    rows = ["path,a,b,age,split"]
+    for i in range(90):
+        a, b = int(rng.random() < 0.4), int(rng.random() < 0.3)
+        image = rng.integers(0, 60, (24, 24)).astype(np.uint8) + 120 * a  # finding a = brighter image
+        Image.fromarray(image.astype(np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{a},{b},{40 + 30 * a + rng.normal(0, 3):.1f},{('train', 'val', 'test')[i % 3]}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    common = {"kind": "csv", "path": "m.csv", "split_column": "split"}
+    payload = {
+        "datasets": [
+            {"name": "findings", "label_columns": ["a", "b"], **common},
+            {"name": "age", "label_columns": ["age"], "task": "regression", **common},
+        ],
+        "backbones": [{"spec": "timm:vit_tiny_patch16_224", "random_init": True, "img_size": 32}],
+        "protocols": ["linear", "knn_cosine", "finetune_frozen"],
+        "features": ["cls_mean"],
+        "finetune_features": "cls_mean",
+        "finetune": {"epochs": 3, "lr": 1.0e-2, "patience": 3},
+        "n_bootstrap": 50,
+    }
+    suite = suite_from_dict(payload, name="csv")
+    records = SuiteRunner(suite, RunOptions(out_dir=tmp_path / "out", data_root=tmp_path)).run()
+    assert len(records) == 6
+    by_key = {(r.dataset, r.protocol): r for r in records}
+    assert by_key[("findings", "linear")].task == "multilabel"
+    assert by_key[("findings", "linear")].metrics["auroc"] > 0.7  # finding a is visible in the pixels
+    assert set(by_key[("age", "knn_cosine")].metrics) == {"r2", "mae"}
+    assert by_key[("age", "linear")].metrics["r2"] > 0.3
+    write_report(records, tmp_path / "out", title="csv")
+    assert "age (r2)" in (tmp_path / "out" / "results.md").read_text()
