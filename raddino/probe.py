@@ -71,9 +71,9 @@ def compare_backbones(
     features: dict[str, dict[str, np.ndarray]] = {}
     for name, backbone in backbones.items():
         features[name] = {split: embed(backbone, src, transform=transform) for split, src in sources.items()}
-    if include_raw_pixels:
+    if include_raw_pixels:  # the pixels the backbones see: one channel of the evaluation view
         features["raw pixels"] = {
-            split: np.stack([src.get(i)[0].reshape(-1) for i in range(len(src))]).astype(np.float32) / 255.0
+            split: np.stack([transform(src.get(i)[0])[0].reshape(-1).numpy() for i in range(len(src))])
             for split, src in sources.items()
         }
     rows = []

@@ -155,3 +155,19 @@ def test_learns_on_real_pneumoniamnist_without_collapse(tmp_path, pneumoniamnist
     assert all(0.5 < e < log_k - 0.1 for e in entropies), (min(entropies), max(entropies), log_k)
     # random unit vectors in 192-d have a per-dimension std of ~0.072; a representation collapse drives it to 0
     assert min(r["student_std"] for r in rows[-20:]) > 0.03
+
+
+def test_bf16_autocast_steps_on_cpu(tmp_path):
+    """train.precision=bf16 (the GPU default) runs the same loop under CPU autocast: finite fp32 loss terms, every
+    step applied, and the teacher (fp32 master weights) moves."""
+    training = build_training(
+        load_config("tiny_cpu", [*SMALL, f"train.output_dir={tmp_path}", "train.precision=bf16", "train.max_steps=3"])
+    )
+    assert training.autocast_dtype == torch.bfloat16
+    before = [p.detach().clone() for p in training.model.teacher.parameters()]
+    summary = fit(training)
+    assert summary.steps == 3 and summary.refused_steps == 0
+    rows = _metrics(tmp_path)
+    assert all(math.isfinite(r[k]) for r in rows for k in ("loss", "dino", "ibot", "koleo", "grad_norm"))
+    assert all(p.dtype == torch.float32 for p in training.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, training.model.teacher.parameters(), strict=True))
