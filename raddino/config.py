@@ -175,6 +175,12 @@ def resolve_recipe(recipe: str | Path) -> Path:
     named = RECIPES_DIR / f"{recipe}.yaml"
     if named.is_file():
         return named
+    if not RECIPES_DIR.is_dir():
+        raise ConfigError(
+            f"config file not found: {recipe}; named recipes are read from the repository's configs/ directory, "
+            f"which this installation does not have ({RECIPES_DIR}): install from a checkout with "
+            "`pip install -c constraints.txt -e .` or pass a YAML path"
+        )
     available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))) or "none"
     raise ConfigError(f"config file not found: {recipe} (named recipes: {available})")
 

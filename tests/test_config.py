@@ -94,3 +94,12 @@ def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert command in capsys.readouterr().out
+
+
+def test_named_recipe_without_a_checkout_is_a_clear_error(monkeypatch, tmp_path):
+    """A non-editable install has no configs/ beside the package: the error says so and how to fix it."""
+    import raddino.config as config_module
+
+    monkeypatch.setattr(config_module, "RECIPES_DIR", tmp_path / "missing")
+    with pytest.raises(ConfigError, match=r"pip install -c constraints.txt -e \."):
+        load_config("tiny_cpu")
