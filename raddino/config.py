@@ -31,9 +31,10 @@ class ModelConfig:
     num_registers: int = 0
     drop_path_rate: float = 0.1
     layerscale: float = 1e-5
-    # dinov2 (offset 0.1, no antialias) | dinov2_reg (no offset, antialias) | hf (no offset, no antialias) |
-    # auto (the rule of the model.init_from source, dinov2 without one); docs/INTEROP.md
-    pos_embed_interp: str = "dinov2"
+    # auto (the rule of the model.init_from source, so continued pretraining sees what the source saw; dinov2
+    # without one) | dinov2 (offset 0.1, no antialias) | dinov2_reg (no offset, antialias) | hf (no offset, no
+    # antialias); docs/INTEROP.md
+    pos_embed_interp: str = "auto"
     init_from: str | None = None  # continue pretraining from released weights (docs/INTEROP.md)
     init_format: str = "auto"  # auto | dinov2 (Meta hub layout) | timm | hf (transformers directory) | raddino
     init_head: str | None = None  # DINO head weights (e.g. RAD-DINO's dino_head.safetensors); none: fresh heads

@@ -568,7 +568,8 @@ def test_head_maps_round_trip() -> None:
 
 def test_pretrain_continues_from_timm_reg4_weights(tmp_path) -> None:
     """`raddino pretrain model.init_from=FILE`: both towers start as the source (the `auto` rule follows it), the
-    run trains, and the resolved rule is recorded for export / eval; a wrong model.* is an error naming the key."""
+    run trains, and the resolved rule is recorded for export / eval; a wrong model.* is an error naming the key.
+    model.pos_embed_interp is left at its default (auto)."""
     from raddino.cli import main
     from raddino.config import load_config
     from raddino.train import build_training, fit
@@ -579,7 +580,6 @@ def test_pretrain_continues_from_timm_reg4_weights(tmp_path) -> None:
     overrides = [
         f"model.init_from={path}",
         "model.num_registers=4",
-        "model.pos_embed_interp=auto",
         "crops.n_local=2",
         "data.batch_size=4",
         "data.num_workers=0",
