@@ -38,6 +38,7 @@ def labels_of(source: ImageSource) -> np.ndarray:
 class ProbeRow:
     name: str
     auroc: float
+    auroc_ci: tuple[float, float]  # 95 % bootstrap interval on the test split
     accuracy: float
     best_c: float
 
@@ -47,8 +48,11 @@ class ProbeReport:
     rows: list[ProbeRow]
 
     def table(self) -> str:
-        lines = ["| features | test AUROC | test accuracy | C |", "|---|---|---|---|"]
-        lines += [f"| {r.name} | {r.auroc:.3f} | {r.accuracy:.3f} | {r.best_c:g} |" for r in self.rows]
+        lines = ["| features | test AUROC [95 % CI] | test accuracy | C |", "|---|---|---|---|"]
+        lines += [
+            f"| {r.name} | {r.auroc:.3f} [{r.auroc_ci[0]:.3f}, {r.auroc_ci[1]:.3f}] | {r.accuracy:.3f} | {r.best_c:g} |"
+            for r in self.rows
+        ]
         return "\n".join(lines)
 
     def auroc(self, name: str) -> float:
@@ -88,6 +92,7 @@ def compare_backbones(
             ProbeRow(
                 name=name,
                 auroc=result.test_metrics["auroc"],
+                auroc_ci=tuple(result.test_ci["auroc"]),
                 accuracy=result.test_metrics["accuracy"],
                 best_c=result.best_C,
             )

@@ -100,4 +100,5 @@ def test_demo_probe_table_compares_backbones_and_raw_pixels():
     )
     assert [r.name for r in report.rows] == ["random init", "raw pixels"]
     assert all(0.0 <= r.auroc <= 1.0 and r.best_c in (0.1, 1.0) for r in report.rows)
+    assert all(r.auroc_ci[0] <= r.auroc <= r.auroc_ci[1] and r.auroc_ci[0] < r.auroc_ci[1] for r in report.rows)
     assert report.table().count("\n") == 3 and report.auroc("raw pixels") == report.rows[1].auroc
