@@ -50,7 +50,7 @@ def _int_list(text: str) -> list[int]:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="speed benchmarks (loader: the shard stream of pretraining)",
+        help="speed benchmarks (loader: the shard stream of pretraining; probe: feature extraction + linear probe)",
         description="Speed benchmarks of raddino components.",
     )
     sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
