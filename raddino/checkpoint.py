@@ -18,6 +18,8 @@ import logging
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,6 +48,15 @@ class TrainerState:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@contextmanager
+def single_process_dcp() -> Iterator[None]:
+    """Silence DCP's "torch.distributed is disabled" warning: single-process saves and loads are intended here and
+    DCP would otherwise warn on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier() -> None:
@@ -78,9 +89,7 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        with warnings.catch_warnings():
-            # single-process runs save without a process group on purpose; DCP warns about that on every save
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with single_process_dcp():
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
         _barrier()
         if _rank() == 0:
@@ -103,8 +112,7 @@ class CheckpointManager:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         to_load = {"model": model_sd, "optimizer": optim_sd}
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            with single_process_dcp():
                 dcp.load(to_load, checkpoint_id=path)
         except Exception as err:  # DCP reports missing/mismatched keys with long nested errors
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

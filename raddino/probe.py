@@ -18,20 +18,25 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def embed(backbone: nn.Module, source: ImageSource, *, transform: EvalTransform, batch_size: int = 256) -> np.ndarray:
-    """Frozen features CLS ‖ mean(patch) for every image of ``source`` -> (N, 2D) float32."""
+def embed(backbone: nn.Module, views: torch.Tensor, *, batch_size: int = 256) -> np.ndarray:
+    """Frozen features CLS ‖ mean(patch) of evaluation views ``(N, 3, H, W)`` -> ``(N, 2D)`` float32."""
     backbone.eval()
     device = next(backbone.parameters()).device
     feats = []
-    for start in range(0, len(source), batch_size):
-        images = [transform(source.get(i)[0]) for i in range(start, min(start + batch_size, len(source)))]
-        out = backbone.forward_features(torch.stack(images).to(device))
+    for start in range(0, len(views), batch_size):
+        out = backbone.forward_features(views[start : start + batch_size].to(device))
         feats.append(torch.cat([out.cls, out.patch.mean(1)], dim=1).float().cpu())
     return torch.cat(feats).numpy()
 
 
-def labels_of(source: ImageSource) -> np.ndarray:
-    return np.array([source.get(i)[1] for i in range(len(source))])
+def views_and_labels(source: ImageSource, transform: EvalTransform) -> tuple[torch.Tensor, np.ndarray]:
+    """Every image of ``source`` once: its evaluation view ``(N, 3, H, W)`` and its label ``(N,)``."""
+    views, labels = [], []
+    for i in range(len(source)):
+        image, label = source.get(i)
+        views.append(transform(image))
+        labels.append(label)
+    return torch.stack(views), np.array(labels)
 
 
 @dataclass(frozen=True)
@@ -70,15 +75,18 @@ def compare_backbones(
 ) -> ProbeReport:
     """Linear probes (lesion vs none) on synthetic images; ``splits`` maps train/val/test to (count, seed);
     ``cs``: the logistic-regression C grid (default: DINOv2's 45 values)."""
-    sources = {name: SyntheticSource(n=n, seed=seed, size=image_size) for name, (n, seed) in splits.items()}
-    labels = {name: labels_of(src) for name, src in sources.items()}
+    # each synthetic image is generated and transformed once, then shared by every backbone and the pixel baseline
+    data = {
+        split: views_and_labels(SyntheticSource(n=n, seed=seed, size=image_size), transform)
+        for split, (n, seed) in splits.items()
+    }
+    labels = {split: split_labels for split, (_, split_labels) in data.items()}
     features: dict[str, dict[str, np.ndarray]] = {}
     for name, backbone in backbones.items():
-        features[name] = {split: embed(backbone, src, transform=transform) for split, src in sources.items()}
+        features[name] = {split: embed(backbone, views) for split, (views, _) in data.items()}
     if include_raw_pixels:  # the pixels the backbones see: one channel of the evaluation view
         features["raw pixels"] = {
-            split: np.stack([transform(src.get(i)[0])[0].reshape(-1).numpy() for i in range(len(src))])
-            for split, src in sources.items()
+            split: views[:, 0].reshape(len(views), -1).numpy() for split, (views, _) in data.items()
         }
     rows = []
     for name, feats in features.items():

@@ -149,6 +149,17 @@ def confusion_f1_macro(cm: np.ndarray) -> np.ndarray:
         return f1.sum(axis=1) / seen.sum(axis=1)
 
 
+def _class_metrics(cm: np.ndarray, auroc: np.ndarray, auprc: np.ndarray) -> dict[str, np.ndarray]:
+    """The single-label classification metrics from confusion matrices ``(B, C, C)`` and ranking scores ``(B,)``."""
+    return {
+        "auroc": auroc,
+        "auprc": auprc,
+        "accuracy": confusion_accuracy(cm),
+        "balanced_accuracy": confusion_balanced_accuracy(cm),
+        "f1_macro": confusion_f1_macro(cm),
+    }
+
+
 def binary_f1(cm: np.ndarray) -> np.ndarray:
     """F1 of the positive class from ``(B, 2, 2)`` confusion matrices (0 when there is no positive at all)."""
     tp, fp, fn = cm[:, 1, 1], cm[:, 0, 1], cm[:, 1, 0]
@@ -214,13 +225,7 @@ def _metric_fn(task: Task, y: np.ndarray, scores: np.ndarray, threshold: float |
         def binary(w: np.ndarray) -> dict[str, np.ndarray]:
             cm = weighted_confusion(yb, pred, 2, w)
             auc, ap = ranked.both(w)
-            return {
-                "auroc": auc,
-                "auprc": ap,
-                "accuracy": confusion_accuracy(cm),
-                "balanced_accuracy": confusion_balanced_accuracy(cm),
-                "f1_macro": confusion_f1_macro(cm),
-            }
+            return _class_metrics(cm, auc, ap)
 
         return binary
 
@@ -234,13 +239,7 @@ def _metric_fn(task: Task, y: np.ndarray, scores: np.ndarray, threshold: float |
         def multiclass(w: np.ndarray) -> dict[str, np.ndarray]:
             cm = weighted_confusion(yi, pred, n_classes, w)
             auc, ap = _macro_pair(ranked_classes, w)
-            return {
-                "auroc": auc,
-                "auprc": ap,
-                "accuracy": confusion_accuracy(cm),
-                "balanced_accuracy": confusion_balanced_accuracy(cm),
-                "f1_macro": confusion_f1_macro(cm),
-            }
+            return _class_metrics(cm, auc, ap)
 
         return multiclass
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +77,8 @@ def read_checkpoint_tensors(checkpoint: Path, *, prefix: str) -> dict[str, Tenso
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from raddino.checkpoint import single_process_dcp
+
     try:
         metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
     except Exception as err:  # noqa: BLE001  (missing / corrupt .metadata)
@@ -91,8 +92,7 @@ def read_checkpoint_tensors(checkpoint: Path, *, prefix: str) -> dict[str, Tenso
     if not wanted:
         raise RaddinoError(f"{checkpoint}: no tensors named {prefix}* in the checkpoint")
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # single-process load
+        with single_process_dcp():
             dcp.load({MODEL_KEY: wanted}, checkpoint_id=str(checkpoint))
     except Exception as err:  # noqa: BLE001  (DCP wraps read errors in long nested messages)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
