@@ -142,14 +142,23 @@ def dataset_from_config(cfg: DictConfig) -> SSLDataset:
     )
 
 
-def stream_loader_from_config(cfg: DictConfig, *, start_position: int) -> Iterator[SSLBatch]:
+def stream_loader_from_config(
+    cfg: DictConfig,
+    *,
+    start_position: int,
+    rank: int | None = None,
+    world_size: int | None = None,
+    batch_size: int | None = None,
+) -> Iterator[SSLBatch]:
     """The endless batch stream of ``data.source=shards`` (WebDataset shards), from global ``start_position``.
 
-    Rank and world size come from the process group, else ``RANK`` / ``WORLD_SIZE``, and are handed to the
-    workers inside the dataset object. Data errors found in a worker are raised as one-line :class:`RaddinoError`.
+    ``rank`` / ``world_size``: the trainer's (:class:`raddino.parallel.ParallelEnv`); default: the process group,
+    else ``RANK`` / ``WORLD_SIZE``. They are handed to the workers inside the dataset object. ``batch_size``: the
+    micro-batch per rank (default ``data.batch_size``). Data errors found in a worker are raised as one-line
+    :class:`RaddinoError`.
     """
     data = cfg.data
-    rank, world_size = resolve_rank()
+    rank, world_size = resolve_rank(rank, world_size)
     stream = ShardStream(
         datasets=shard_sets(list(data.shards), list(data.shard_weights)),
         augmentation=augmentation_from_config(cfg.crops),
@@ -157,7 +166,7 @@ def stream_loader_from_config(cfg: DictConfig, *, start_position: int) -> Iterat
         mask_prob=cfg.mask.prob,
         mask_ratio=(cfg.mask.ratio_min, cfg.mask.ratio_max),
         seed=cfg.train.seed,
-        batch_size=data.batch_size,
+        batch_size=batch_size or data.batch_size,
         rank=rank,
         world_size=world_size,
         start_position=start_position,
@@ -175,13 +184,29 @@ def stream_loader_from_config(cfg: DictConfig, *, start_position: int) -> Iterat
     return worker_errors_as_user_errors(build_stream_loader(stream, num_workers=data.num_workers))
 
 
-def loader_from_config(cfg: DictConfig, *, start_position: int) -> Iterable[SSLBatch]:
-    """The endless batch stream of the configured source, continuing from global sample ``start_position``."""
+def loader_from_config(
+    cfg: DictConfig,
+    *,
+    start_position: int,
+    rank: int | None = None,
+    world_size: int | None = None,
+    batch_size: int | None = None,
+) -> Iterable[SSLBatch]:
+    """The endless micro-batch stream of the configured source for one rank, continuing from global sample
+    ``start_position``. ``rank`` / ``world_size`` default to the process group (else 0 / 1), ``batch_size`` to
+    ``data.batch_size``; the trainer passes its own (:attr:`raddino.config.Derived.micro_batch`)."""
     if cfg.data.source == "shards":
-        return stream_loader_from_config(cfg, start_position=start_position)
+        return stream_loader_from_config(
+            cfg, start_position=start_position, rank=rank, world_size=world_size, batch_size=batch_size
+        )
     dataset = dataset_from_config(cfg)
     return build_ssl_loader(
-        dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, start_position=start_position
+        dataset,
+        batch_size=batch_size or cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        start_position=start_position,
+        rank=rank,
+        world_size=world_size,
     )
 
 

@@ -44,6 +44,7 @@ class TrainerState:
     step: int  # optimizer steps completed
     data_position: int  # global sample position the data stream continues from
     world_size: int
+    global_batch: int | None = None  # images per step when saved (None: checkpoints from before it was recorded)
 
 
 def _rank() -> int:
@@ -70,10 +71,15 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints, oldest first: ``step_…`` directories (renamed only once every rank's shards are
+        written) that hold DCP's ``.metadata`` and ``state.json`` (written last)."""
         if not self.directory.is_dir():
             return []
-        found = [p for p in self.directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        found = [
+            p
+            for p in self.directory.iterdir()
+            if p.is_dir() and _STEP_DIR.match(p.name) and (p / "state.json").is_file() and (p / ".metadata").is_file()
+        ]
         return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
     def latest(self) -> Path | None:

@@ -91,7 +91,11 @@ class DataConfig:
     split: str = "train"
     synthetic_count: int = 4096
     synthetic_size: int = 128
-    batch_size: int = 64  # per device
+    batch_size: int = 64  # images per device per forward (the micro-batch)
+    # images per optimizer step over all devices; None = batch_size x world size. When set, each device takes
+    # global_batch / world_size images per step, in global_batch / (world_size x batch_size) micro-batches
+    # (gradient accumulation) if that is more than batch_size -- so a run keeps its batch on any number of GPUs.
+    global_batch: int | None = None
     num_workers: int = 2
     # source=shards (docs/DATA.md, "Streaming"): one WebDataset URL pattern per dataset -- local brace pattern
     # (/data/shard-{000000..000099}.tar), a shard directory, http(s)://, s3://, pipe:; join patterns of one
@@ -145,6 +149,17 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # FSDP2 sharding of student and teacher: auto (when more than one process) | on | off. docs/TRAINING.md
+    fsdp: str = "auto"
+    activation_checkpointing: int = 0  # recompute every k-th block in backward: 0 off, 1 every block
+    compile: bool = False  # torch.compile each transformer block
+    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3); false = ZeRO-2
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: int = 600  # collective timeout: a hung or dead rank fails the job after this long
+
+
+@dataclass
 class RaddinoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -155,6 +170,7 @@ class RaddinoConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -165,6 +181,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "npz", "shards"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "parallel.fsdp": ("auto", "on", "off"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
 }
 
 
@@ -241,6 +259,38 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"invalid config key '{key}': must be a multiple of model.patch_size")
     if cfg.crops.n_global < 1:
         raise ConfigError("invalid config key 'crops.n_global': need at least one global crop")
+    if cfg.data.batch_size < 1:
+        raise ConfigError("invalid config key 'data.batch_size': must be >= 1")
+    if cfg.data.global_batch is not None and cfg.data.global_batch < 1:
+        raise ConfigError("invalid config key 'data.global_batch': must be >= 1")
+    if cfg.parallel.activation_checkpointing < 0:
+        raise ConfigError("invalid config key 'parallel.activation_checkpointing': must be >= 0")
+    if cfg.parallel.timeout_s <= 0:
+        raise ConfigError("invalid config key 'parallel.timeout_s': must be > 0")
+
+
+def batch_split(*, batch_size: int, global_batch: int | None, world_size: int) -> tuple[int, int, int]:
+    """``(global_batch, micro_batch, accumulation_steps)`` for ``world_size`` devices.
+
+    Raises:
+        ConfigError: a global batch that the devices (and micro-batches) cannot split evenly, naming the keys.
+    """
+    if global_batch is None:
+        return batch_size * world_size, batch_size, 1
+    if global_batch % world_size:
+        raise ConfigError(
+            f"invalid config key 'data.global_batch': {global_batch} images do not split evenly over "
+            f"{world_size} processes; use a multiple of {world_size}"
+        )
+    per_rank = global_batch // world_size
+    if per_rank <= batch_size:
+        return global_batch, per_rank, 1
+    if per_rank % batch_size:
+        raise ConfigError(
+            f"invalid config key 'data.batch_size': {per_rank} images per process (data.global_batch="
+            f"{global_batch} over {world_size}) are not a whole number of micro-batches of {batch_size}"
+        )
+    return global_batch, batch_size, per_rank // batch_size
 
 
 @dataclass(frozen=True)
@@ -248,7 +298,9 @@ class Derived:
     """Values computed from the config and the world size; saved as ``derived.json`` in the run directory."""
 
     world_size: int
-    global_batch: int
+    global_batch: int  # images per optimizer step, all processes
+    micro_batch: int  # images per process per forward
+    accumulation_steps: int  # forwards per process per optimizer step
     lr: float
     min_lr: float
     total_steps: int
@@ -269,13 +321,17 @@ def derive(cfg: DictConfig, *, world_size: int, pos_embed_interp: str | None = N
     ``pos_embed_interp``: the rule the built backbone resolved ``model.pos_embed_interp=auto`` to (default: the
     configured value).
     """
-    global_batch = cfg.data.batch_size * world_size
+    global_batch, micro_batch, accumulation = batch_split(
+        batch_size=cfg.data.batch_size, global_batch=cfg.data.global_batch, world_size=world_size
+    )
     scale = math.sqrt(global_batch / cfg.optim.reference_batch)
     total = cfg.train.epochs * cfg.train.steps_per_epoch
     spe = cfg.train.steps_per_epoch
     return Derived(
         world_size=world_size,
         global_batch=global_batch,
+        micro_batch=micro_batch,
+        accumulation_steps=accumulation,
         lr=cfg.optim.base_lr * scale,
         min_lr=cfg.optim.min_lr * scale,
         total_steps=total,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,11 @@ def apply_schedule(optimizer: torch.optim.Optimizer, *, lr: float, weight_decay:
 
 
 def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm (``max_norm <= 0`` only measures it). Returns the norm before clipping."""
+    """Clip the global gradient norm (``max_norm <= 0`` only measures it). Returns the norm before clipping, as a
+    plain tensor equal on every rank (with FSDP2's sharded gradients the norm is reduced over the shards)."""
     params = [p for p in params if p.grad is not None]
     if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

@@ -8,7 +8,7 @@ crops only. Teacher targets are centred with Sinkhorn-Knopp (default) or an EMA 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,12 @@ class SSLOutput:
     student_std: Tensor  # std over the batch of L2-normalised student CLS features, averaged over dims
 
     def terms(self) -> dict[str, Tensor]:
+        """The loss terms (what the non-finite guard checks)."""
         return {"dino": self.dino, "ibot": self.ibot, "koleo": self.koleo}
+
+    def scalars(self) -> dict[str, Tensor]:
+        """Every field by name: the loss, its terms and the monitors (what a metrics row logs)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class SSLMetaArch(nn.Module):

@@ -1,4 +1,11 @@
-"""The training loop: build everything from the config, then step (nanoGPT-style, short and linear)."""
+"""The training loop: build everything from the config, then step (nanoGPT-style, short and linear).
+
+One path for every scale: :mod:`raddino.parallel` starts the process group (if the launch has one), shards student
+and teacher with FSDP2 and picks the device; the loop below is the same for 1 CPU process and N GPU nodes. Each
+rank reads its own interleaved slice of every global batch (:class:`~raddino.data.dataset.PositionSampler`), the
+centering / Sinkhorn-Knopp statistics are all-reduced inside the model, gradients are averaged by FSDP2's
+reduce-scatter, and only rank 0 writes metrics, logs and the progress bar.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +23,13 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from raddino import build
+from raddino import build, parallel
 from raddino.checkpoint import CheckpointManager, TrainerState
 from raddino.config import Derived, derive, to_yaml
 from raddino.data.batch import SSLBatch
 from raddino.errors import RaddinoError
 from raddino.optim import apply_schedule, clip_grad_norm
+from raddino.parallel import ParallelEnv, ParallelPlan
 from raddino.schedules import Schedules
 from raddino.ssl import SSLMetaArch
 
@@ -42,12 +50,11 @@ class Training:
     optimizer: torch.optim.Optimizer
     schedules: Schedules
     seed: int
-    rank: int
-    make_loader: Callable[..., Iterable[SSLBatch]]  # (start_position=global sample)  -> endless batch stream
+    env: ParallelEnv
+    make_loader: Callable[..., Iterable[SSLBatch]]  # (start_position=global sample)  -> endless micro-batch stream
     checkpoints: CheckpointManager
     derived: Derived
     run_dir: Path
-    device: torch.device
     autocast_dtype: torch.dtype | None
     clip_grad: float
     log_every: int
@@ -55,6 +62,10 @@ class Training:
     max_bad_steps: int
     resume: str
     progress: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
 
 
 @dataclass(frozen=True)
@@ -65,43 +76,65 @@ class FitSummary:
     seconds: float
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RaddinoError("train.device=cuda but no CUDA device is available")
-    return torch.device(name)
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def _compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
 
 
-def build_training(cfg: DictConfig) -> Training:
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    torch.manual_seed(cfg.train.seed)
-    device = _device(cfg.train.device)
-    model = build.meta_arch_from_config(cfg).to(device)
-    derived = derive(cfg, world_size=world_size, pos_embed_interp=model.student["backbone"].pos_embed_interp)
+def parallel_plan_from_config(cfg: DictConfig, *, env: ParallelEnv, compute_dtype: torch.dtype | None) -> ParallelPlan:
+    p = cfg.parallel
+    fsdp = p.fsdp == "on" or (p.fsdp == "auto" and env.distributed)
+    return ParallelPlan(
+        fsdp=fsdp,
+        ac_every=p.activation_checkpointing,
+        compile=p.compile,
+        param_dtype=compute_dtype if fsdp else None,
+        reduce_dtype=torch.float32,
+        reshard_after_forward=p.reshard_after_forward,
+    )
+
+
+def build_training(cfg: DictConfig, *, env: ParallelEnv | None = None) -> Training:
+    """Model (sharded when distributed), optimizer, schedules, loader and checkpointer of one run.
+
+    ``env``: where this process sits; default: :func:`raddino.parallel.init_distributed` from the launch
+    environment (torchrun / SLURM variables), which starts the process group when there is more than one process.
+    """
+    if env is None:
+        env = parallel.init_distributed(
+            device=cfg.train.device, backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s
+        )
+    if not env.is_main:  # one log, one progress bar, one metrics file: rank 0's
+        logging.getLogger("raddino").setLevel(logging.WARNING)
+    derived_batch = derive(cfg, world_size=env.world_size)  # fails early on a batch that does not split
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (FSDP2 shards them, no broadcast)
+    model = build.meta_arch_from_config(cfg).to(env.device)
+    compute_dtype = _compute_dtype(cfg.train.precision, env.device)
+    plan = parallel_plan_from_config(cfg, env=env, compute_dtype=compute_dtype)
+    parallel.parallelize(model, plan=plan, env=env)
+    derived = derive(cfg, world_size=env.world_size, pos_embed_interp=model.student["backbone"].pos_embed_interp)
+    assert derived.global_batch == derived_batch.global_batch
     run_dir = Path(cfg.train.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    (run_dir / "derived.json").write_text(json.dumps(derived.as_dict(), indent=2))
-    log.info("derived values: %s", derived.as_dict())
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "derived.json").write_text(json.dumps(derived.as_dict(), indent=2))
+    log.info("%s; derived values: %s", env.describe(), derived.as_dict())
     return Training(
         model=model,
-        optimizer=build.optimizer_from_config(cfg, model),
+        optimizer=build.optimizer_from_config(cfg, model),  # after sharding: it must hold the DTensor parameters
         schedules=build.schedules_from_config(cfg, derived),
         seed=cfg.train.seed,
-        rank=dist.get_rank() if dist.is_initialized() else 0,
-        make_loader=functools.partial(build.loader_from_config, cfg),
+        env=env,
+        make_loader=functools.partial(
+            build.loader_from_config, cfg, rank=env.rank, world_size=env.world_size, batch_size=derived.micro_batch
+        ),
         checkpoints=CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_last),
         derived=derived,
         run_dir=run_dir,
-        device=device,
-        autocast_dtype=_autocast_dtype(cfg.train.precision, device),
+        # FSDP2 computes in the gathered parameters' dtype (its mixed-precision policy); without it, autocast.
+        autocast_dtype=None if plan.fsdp else compute_dtype,
         clip_grad=cfg.optim.clip_grad,
         log_every=cfg.train.log_every,
         checkpoint_every=cfg.train.checkpoint_every,
@@ -128,40 +161,67 @@ def _all_finite(values: dict[str, torch.Tensor]) -> list[str]:
     return [name for name, ok in zip(values, flags.tolist(), strict=True) if not ok]
 
 
+def _global_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalars averaged over ranks (each rank holds an equal share of the global batch): what a single process
+    would log for the whole batch, up to the per-rank KoLeo and monitors."""
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+    if dist.is_initialized():
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(values, stacked.tolist(), strict=True))
+
+
 def fit(t: Training) -> FitSummary:
-    state = TrainerState(step=0, data_position=0, world_size=t.derived.world_size)
+    main, d = t.env.is_main, t.derived
+    state = TrainerState(step=0, data_position=0, world_size=d.world_size, global_batch=d.global_batch)
     if (path := t.checkpoints.resolve_resume(t.resume)) is not None:
         state = t.checkpoints.load(path, model=t.model, optimizer=t.optimizer)
+        if state.world_size != d.world_size:
+            log.info("resuming a %d-process checkpoint on %d processes", state.world_size, d.world_size)
+        if state.global_batch not in (None, d.global_batch):
+            log.warning(
+                "the checkpoint was trained with a global batch of %d, this run uses %d (set data.global_batch=%d "
+                "to keep it on any number of processes)",
+                state.global_batch,
+                d.global_batch,
+                state.global_batch,
+            )
     step, position, bad, refused, last_ckpt = state.step, state.data_position, 0, 0, None
-    loader = t.make_loader(start_position=position)
+    batches = iter(t.make_loader(start_position=position))
     student_params = [p for p in t.model.student.parameters() if p.requires_grad]
     autocast = torch.autocast(t.device.type, dtype=t.autocast_dtype) if t.autocast_dtype else contextlib.nullcontext()
-    metrics = (t.run_dir / "metrics.jsonl").open("a")
-    bar = tqdm(total=t.derived.max_steps, initial=step, disable=not t.progress or None, desc="pretrain")
+    metrics = (t.run_dir / "metrics.jsonl").open("a") if main else None
+    bar = tqdm(total=d.max_steps, initial=step, disable=not (t.progress and main) or None, desc="pretrain")
     start = tick = time.perf_counter()
     t.model.train()
-    for batch in loader:
-        if step >= t.derived.max_steps:
-            break
-        torch.manual_seed(step_seed(t.seed, step, t.rank))
+    while step < d.max_steps:
+        torch.manual_seed(step_seed(t.seed, step, t.env.rank))
         sched = t.schedules.at(step)
         apply_schedule(t.optimizer, lr=sched.lr, weight_decay=sched.weight_decay, last_layer_lr=sched.last_layer_lr)
-        batch = batch.to(t.device, non_blocking=True)
-        with autocast:
-            out = t.model(batch, teacher_temp=sched.teacher_temp)
+        # Take the whole step's micro-batches first: a refused step still consumes exactly its global batch.
+        micro = [next(batches).to(t.device, non_blocking=True) for _ in range(d.accumulation_steps)]
+        position += d.global_batch
         t.optimizer.zero_grad(set_to_none=True)
-        position += t.derived.global_batch
-        bad_terms = _all_finite(out.terms())
+        sums: dict[str, torch.Tensor] = {}
+        for batch in micro:
+            with autocast:
+                out = t.model(batch, teacher_temp=sched.teacher_temp)
+            if bad_terms := _all_finite(out.terms()):
+                break
+            (out.loss / d.accumulation_steps).backward()
+            for name, value in out.scalars().items():
+                sums[name] = sums.get(name, 0.0) + value.detach() / d.accumulation_steps
         if not bad_terms:
-            out.loss.backward()
             grad_norm = clip_grad_norm(student_params, t.clip_grad)
             bad_terms = _all_finite({"grad_norm": grad_norm})
         if bad_terms:  # never step on a non-finite loss or gradient
             bad, refused = bad + 1, refused + 1
             log.warning("step %d refused: non-finite %s (%d in a row)", step, ", ".join(bad_terms), bad)
-            metrics.write(json.dumps({"step": step, "refused": bad_terms}) + "\n")
+            if main:
+                metrics.write(json.dumps({"step": step, "refused": bad_terms}) + "\n")
             if bad >= t.max_bad_steps:
-                metrics.close()
+                if main:
+                    metrics.close()
                 raise TrainingDiverged(
                     f"stopped after {bad} consecutive non-finite steps at step {step} ({', '.join(bad_terms)}); "
                     f"last good checkpoint: {t.checkpoints.latest() or 'none'}. Lower optim.base_lr or check data."
@@ -171,35 +231,36 @@ def fit(t: Training) -> FitSummary:
         t.optimizer.step()
         t.model.update_teacher(sched.momentum)
         step += 1
+        values = _global_mean({**sums, "grad_norm": grad_norm})
         now = time.perf_counter()
-        row = {
-            "step": step,
-            "loss": out.loss.item(),
-            **{k: v.item() for k, v in out.terms().items()},
-            "lr": sched.lr,
-            "wd": sched.weight_decay,
-            "momentum": sched.momentum,
-            "teacher_temp": sched.teacher_temp,
-            "grad_norm": grad_norm.item(),
-            "teacher_entropy": out.teacher_entropy.item(),
-            "student_std": out.student_std.item(),
-            "img_per_s": t.derived.global_batch / (now - tick),
-        }
+        if main:
+            row = {
+                "step": step,
+                **values,
+                "lr": sched.lr,
+                "wd": sched.weight_decay,
+                "momentum": sched.momentum,
+                "teacher_temp": sched.teacher_temp,
+                "img_per_s": d.global_batch / (now - tick),
+            }
+            metrics.write(json.dumps(row) + "\n")
+            if step % t.log_every == 0 or step == 1:
+                metrics.flush()
+                log.debug("step %d: %s", step, row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", ent=f"{row['teacher_entropy']:.2f}")
         tick = now
-        metrics.write(json.dumps(row) + "\n")
-        if step % t.log_every == 0 or step == 1:
-            metrics.flush()
-            log.debug("step %d: %s", step, row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", ent=f"{row['teacher_entropy']:.2f}")
-        if step % t.checkpoint_every == 0 or step == t.derived.max_steps:
+        if step % t.checkpoint_every == 0 or step == d.max_steps:
             last_ckpt = t.checkpoints.save(
                 model=t.model,
                 optimizer=t.optimizer,
-                state=TrainerState(step=step, data_position=position, world_size=t.derived.world_size),
+                state=TrainerState(
+                    step=step, data_position=position, world_size=d.world_size, global_batch=d.global_batch
+                ),
             )
     bar.close()
-    metrics.close()
+    if main:
+        metrics.close()
     return FitSummary(
         steps=step,
         last_checkpoint=last_ckpt or t.checkpoints.latest(),

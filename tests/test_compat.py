@@ -27,8 +27,7 @@ def test_shim_acts_exactly_when_the_extension_does_not_load():
     assert extension is not None, "torchvision is a hard dependency and ships its _C extension"
     # Independent of the shim: does the dynamic loader accept the extension next to this torch?
     probe = _python(
-        "import ctypes, torch, sys\n"
-        f"try:\n    ctypes.CDLL({str(extension)!r})\nexcept OSError:\n    sys.exit(1)\n"
+        f"import ctypes, torch, sys\ntry:\n    ctypes.CDLL({str(extension)!r})\nexcept OSError:\n    sys.exit(1)\n"
     )
     assert probe.returncode in (0, 1), probe.stderr[-2000:]
     loads = probe.returncode == 0

@@ -68,7 +68,7 @@ def test_keep_last_k_and_no_tmp_left(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_0000004", "step_0000005"]
     state = json.loads((tmp_path / "checkpoints" / "step_0000005" / "state.json").read_text())
-    assert state == {"step": 5, "data_position": 40, "world_size": 1}
+    assert state == {"step": 5, "data_position": 40, "world_size": 1, "global_batch": 8}
 
 
 def test_non_finite_loss_is_refused_and_checkpoint_stays_finite(tmp_path):
