@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -171,6 +172,31 @@ def _global_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(values, stacked.tolist(), strict=True))
 
 
+def trim_metrics(path: Path, *, last_step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` up to ``last_step`` (the step a run resumes from) and drop the rest: the
+    steps an interrupted attempt logged after its last checkpoint are trained again, and a torn last line (a kill
+    mid-write) is not JSON. Rewritten via a temporary file, so a crash here loses nothing. Returns rows dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if row.get("step", 0) > last_step or ("refused" in row and row.get("step", 0) >= last_step):
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: dropped %d rows logged after step %d by an interrupted attempt", dropped, last_step)
+    return dropped
+
+
 def fit(t: Training) -> FitSummary:
     main, d = t.env.is_main, t.derived
     state = TrainerState(step=0, data_position=0, world_size=d.world_size, global_batch=d.global_batch)
@@ -187,6 +213,8 @@ def fit(t: Training) -> FitSummary:
                 state.global_batch,
             )
     step, position, bad, refused, last_ckpt = state.step, state.data_position, 0, 0, None
+    if main:
+        trim_metrics(t.run_dir / "metrics.jsonl", last_step=step)
     batches = iter(t.make_loader(start_position=position))
     student_params = [p for p in t.model.student.parameters() if p.requires_grad]
     autocast = torch.autocast(t.device.type, dtype=t.autocast_dtype) if t.autocast_dtype else contextlib.nullcontext()
@@ -251,6 +279,8 @@ def fit(t: Training) -> FitSummary:
             bar.set_postfix(loss=f"{row['loss']:.3f}", ent=f"{row['teacher_entropy']:.2f}")
         tick = now
         if step % t.checkpoint_every == 0 or step == d.max_steps:
+            if main:  # the metrics of every step up to a checkpoint are on disk before the checkpoint exists
+                metrics.flush()
             last_ckpt = t.checkpoints.save(
                 model=t.model,
                 optimizer=t.optimizer,

@@ -12,6 +12,10 @@ log = logging.getLogger(__name__)
 EPILOG = """examples:
   raddino pretrain --config tiny_cpu data.source=npz data.path=../shared/data/pneumoniamnist.npz
   raddino pretrain --config configs/vitb14_cxr.yaml optim.base_lr=1e-3 train.output_dir=runs/cxr
+  torchrun --nproc_per_node 8 -m raddino.cli pretrain --config vitb14_cxr data.global_batch=1024 ...
+
+Under torchrun (or SLURM with one task per GPU) every process runs this same command: it joins the process group,
+FSDP2 shards student and teacher, and rank 0 alone writes metrics and logs (docs/TRAINING.md, "Distributed").
 
 Overrides are OmegaConf dotlist items (key=value) applied after the recipe; unknown keys are errors.
 The resolved config and derived values (scaled lr, step counts) are written to train.output_dir.
@@ -38,16 +42,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from raddino import parallel
     from raddino.config import to_yaml
+    from raddino.errors import RaddinoError
     from raddino.train import build_training, fit
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    summary = fit(build_training(cfg))
-    print(
-        f"done: {summary.steps} steps in {summary.seconds:.0f} s, {summary.refused_steps} refused; "
-        f"checkpoint: {summary.last_checkpoint}"
+    env = parallel.init_distributed(
+        device=cfg.train.device, backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s
     )
+    try:
+        summary = fit(build_training(cfg, env=env))
+    except RaddinoError as err:
+        if env.distributed:  # every rank reports; say which one
+            err.args = (f"{env.describe()}: {err}",)
+        raise
+    except Exception as err:
+        if env.distributed:  # a failing rank says which rank and why before its traceback
+            log.error("%s failed: %s: %s", env.describe(), type(err).__name__, err)
+        raise
+    finally:
+        parallel.shutdown()
+    if env.is_main:
+        print(
+            f"done: {summary.steps} steps in {summary.seconds:.0f} s, {summary.refused_steps} refused; "
+            f"checkpoint: {summary.last_checkpoint}"
+        )
     return 0
