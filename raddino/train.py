@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from raddino.checkpoint import CheckpointManager, TrainerState
 from raddino.config import Derived, derive, to_yaml
 from raddino.data.batch import SSLBatch
 from raddino.errors import RaddinoError
+from raddino.monitors import CollapseMonitor
 from raddino.optim import apply_schedule, clip_grad_norm
 from raddino.schedules import Schedules
 from raddino.ssl import SSLMetaArch
@@ -140,6 +142,11 @@ def fit(t: Training) -> FitSummary:
     bar = tqdm(total=t.derived.max_steps, initial=step, disable=not t.progress or None, desc="pretrain")
     start = tick = time.perf_counter()
     t.model.train()
+    log_k = math.log(t.model.out_dim)
+    # Grace period: while the prototype layer is frozen the student cannot become uniform and targets are forming.
+    monitor = CollapseMonitor(
+        log_k=log_k, embed_dim=t.model.student["backbone"].embed_dim, grace_steps=t.derived.freeze_last_layer_steps
+    )
     for batch in loader:
         if step >= t.derived.max_steps:
             break
@@ -182,9 +189,16 @@ def fit(t: Training) -> FitSummary:
             "teacher_temp": sched.teacher_temp,
             "grad_norm": grad_norm.item(),
             "teacher_entropy": out.teacher_entropy.item(),
+            "student_entropy": out.student_entropy.item(),
+            "dino_rel": out.dino.item() / log_k,  # 1 = the DINO cross-entropy of a uniform student
             "student_std": out.student_std.item(),
             "img_per_s": t.derived.global_batch / (now - tick),
         }
+        flags = monitor.update(step=step, **{k: row[k] for k in ("student_entropy", "teacher_entropy", "student_std")})
+        if flags:
+            row["collapse"] = [flag.name for flag in flags]
+        for flag in (f for f in flags if f.first):
+            log.warning("step %d: collapse monitor raised %s: %s", step, flag.name, flag.message)
         tick = now
         metrics.write(json.dumps(row) + "\n")
         if step % t.log_every == 0 or step == 1:
