@@ -19,6 +19,7 @@ from raddino.losses.centering import centered_softmax, sinkhorn_knopp, update_ce
 from raddino.losses.dino import dino_loss
 from raddino.losses.ibot import ibot_loss
 from raddino.losses.koleo import koleo_loss
+from raddino.models.vit import VisionTransformer
 
 
 @dataclass
@@ -30,6 +31,9 @@ class SSLOutput:
     ibot: Tensor
     koleo: Tensor
     teacher_entropy: Tensor  # mean per-sample entropy (nats) of the teacher's CLS targets; 0 or log K = collapse
+    # mean per-sample entropy (nats) of the student's CLS softmax at the student temperature, over all crops; near
+    # log K = the student predicts uniform, so the DINO cross-entropy is log K whatever the targets (no bootstrap)
+    student_entropy: Tensor
     student_std: Tensor  # std over the batch of L2-normalised student CLS features, averaged over dims
 
     def terms(self) -> dict[str, Tensor]:
@@ -44,13 +48,15 @@ class SSLOutput:
 class SSLMetaArch(nn.Module):
     """Holds ``student`` and ``teacher`` (each a ModuleDict with ``backbone``, ``dino_head``, optional ``ibot_head``).
 
-    The teacher starts as a copy of the student, never receives gradients and is updated by :meth:`update_teacher`.
+    The teacher starts as a copy of the student without stochastic depth, never receives gradients, is updated by
+    :meth:`update_teacher` and always stays in eval mode (:meth:`train` does not switch it): its targets are a
+    deterministic function of its weights and the batch, as in DINOv2.
     """
 
     def __init__(
         self,
         *,
-        backbone: nn.Module,
+        backbone: VisionTransformer,
         dino_head: nn.Module,
         ibot_head: nn.Module | None,
         n_global: int,
@@ -70,6 +76,9 @@ class SSLMetaArch(nn.Module):
         self.student = nn.ModuleDict(student)
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
+        # Drop path only regularises the student; on the teacher it would make the targets random.
+        self.teacher["backbone"].set_drop_path_rate(0.0)
+        self.teacher.eval()
         self.n_global = n_global
         self.n_local = n_local
         self.student_temp = student_temp
@@ -82,6 +91,17 @@ class SSLMetaArch(nn.Module):
         out_dim = dino_head.out_dim
         self.register_buffer("dino_center", torch.zeros(1, out_dim))
         self.register_buffer("ibot_center", torch.zeros(1, (ibot_head or dino_head).out_dim))
+
+    def train(self, mode: bool = True) -> SSLMetaArch:
+        """Set the student's mode; the teacher stays in eval mode whatever ``mode`` is (it only computes targets)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @property
+    def out_dim(self) -> int:
+        """Number of DINO prototypes K (the DINO loss of a uniform student is log K)."""
+        return self.student["dino_head"].out_dim
 
     def _ibot_head(self, tower: nn.ModuleDict) -> nn.Module:
         return tower["ibot_head"] if "ibot_head" in tower else tower["dino_head"]
@@ -126,6 +146,8 @@ class SSLMetaArch(nn.Module):
         loss = self.dino_weight * dino + self.ibot_weight * ibot + self.koleo_weight * koleo
         with torch.no_grad():
             entropy = -(cls_targets * cls_targets.clamp_min(1e-12).log()).sum(-1).mean()
+            student_log_p = torch.log_softmax(cls_logits.detach() / self.student_temp, dim=-1)
+            student_entropy = -(student_log_p.exp() * student_log_p).sum(-1).mean()
             student_std = nn.functional.normalize(glob.cls.float(), dim=-1).std(0).mean()
         return SSLOutput(
             loss=loss,
@@ -133,6 +155,7 @@ class SSLMetaArch(nn.Module):
             ibot=ibot.detach(),
             koleo=koleo.detach(),
             teacher_entropy=entropy,
+            student_entropy=student_entropy,
             student_std=student_std,
         )
 

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ from raddino.checkpoint import CheckpointManager, TrainerState
 from raddino.config import Derived, derive, to_yaml
 from raddino.data.batch import SSLBatch
 from raddino.errors import RaddinoError
+from raddino.monitors import CollapseMonitor
 from raddino.optim import apply_schedule, clip_grad_norm
 from raddino.parallel import ParallelEnv, ParallelPlan
 from raddino.schedules import Schedules
@@ -222,6 +224,11 @@ def fit(t: Training) -> FitSummary:
     bar = tqdm(total=d.max_steps, initial=step, disable=not (t.progress and main) or None, desc="pretrain")
     start = tick = time.perf_counter()
     t.model.train()
+    log_k = math.log(t.model.out_dim)
+    # Grace period: while the prototype layer is frozen the student cannot become uniform and targets are forming.
+    monitor = CollapseMonitor(
+        log_k=log_k, embed_dim=t.model.student["backbone"].embed_dim, grace_steps=d.freeze_last_layer_steps
+    )
     while step < d.max_steps:
         torch.manual_seed(step_seed(t.seed, step, t.env.rank))
         sched = t.schedules.at(step)
@@ -269,8 +276,17 @@ def fit(t: Training) -> FitSummary:
                 "wd": sched.weight_decay,
                 "momentum": sched.momentum,
                 "teacher_temp": sched.teacher_temp,
+                "dino_rel": values["dino"] / log_k,  # 1 = the DINO cross-entropy of a uniform student
                 "img_per_s": d.global_batch / (now - tick),
             }
+            # Fed the values averaged over ranks, so every world size flags the same run alike.
+            flags = monitor.update(
+                step=step, **{k: row[k] for k in ("student_entropy", "teacher_entropy", "student_std")}
+            )
+            if flags:
+                row["collapse"] = [flag.name for flag in flags]
+            for flag in (f for f in flags if f.first):
+                log.warning("step %d: collapse monitor raised %s: %s", step, flag.name, flag.message)
             metrics.write(json.dumps(row) + "\n")
             if step % t.log_every == 0 or step == 1:
                 metrics.flush()

@@ -425,6 +425,22 @@ def test_drop_path_only_in_train_mode() -> None:
         torch.testing.assert_close(model(x), plain(x), atol=0, rtol=0)
 
 
+def test_set_drop_path_rate_matches_the_constructor_and_keeps_the_state_dict() -> None:
+    model = build_backbone(arch="tiny", img_size=28, drop_path_rate=0.2, generator=_gen(0))
+    keys = list(model.state_dict())
+    model.set_drop_path_rate(0.5, uniform=False)
+    built = build_backbone(arch="tiny", img_size=28, drop_path_rate=0.5, drop_path_uniform=False)
+    assert model.drop_path_rates == built.drop_path_rates == pytest.approx(list(np.linspace(0, 0.5, 12)))
+    model.set_drop_path_rate(0.0)
+    assert model.drop_path_rates == [0.0] * 12 and list(model.state_dict()) == keys
+    x = _images(4, 28, 28)
+    with torch.no_grad():
+        model.train()
+        torch.testing.assert_close(model(x), model(x), atol=0, rtol=0)  # nothing left to drop in train mode
+    with pytest.raises(RaddinoError, match="drop_path_rate"):
+        model.set_drop_path_rate(1.0)
+
+
 def test_bad_arguments_raise_user_errors() -> None:
     with pytest.raises(RaddinoError, match="arch"):
         build_backbone(arch="huge", img_size=28)

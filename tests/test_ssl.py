@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -41,7 +43,7 @@ def test_every_student_param_gets_a_grad_teacher_none(centering, separate):
     cfg = load_config("tiny_cpu", [*TINY, f"loss.centering={centering}", f"loss.ibot_separate_head={separate}"])
     model = meta_arch_from_config(cfg)
     out = model(_batch(), teacher_temp=0.04)
-    for value in (out.loss, out.dino, out.ibot, out.koleo, out.teacher_entropy, out.student_std):
+    for value in (out.loss, out.dino, out.ibot, out.koleo, out.teacher_entropy, out.student_entropy, out.student_std):
         assert torch.isfinite(value)
     assert out.ibot > 0 and out.dino > 0
     out.loss.backward()
@@ -67,9 +69,55 @@ def test_ema_moves_teacher_towards_student():
     model.update_teacher(0.9)
     for before, after, stud in zip(t0, model.teacher.parameters(), s, strict=True):
         torch.testing.assert_close(after, 0.9 * before + 0.1 * stud)
-    model.update_teacher(1.0)  # momentum 1 keeps the teacher fixed
-    for a, b in zip(model.teacher.parameters(), [p.detach().clone() for p in model.teacher.parameters()], strict=True):
-        assert torch.equal(a, b)
+    t1 = [p.detach().clone() for p in model.teacher.parameters()]  # taken before the update, so this can fail
+    model.update_teacher(1.0)  # momentum 1 keeps the teacher fixed although the student differs
+    for before, after in zip(t1, model.teacher.parameters(), strict=True):
+        assert torch.equal(before, after)
+
+
+def test_teacher_targets_are_deterministic_in_train_mode():
+    """drop_path_rate=0.1, model.train(): the teacher is in eval mode without stochastic depth, so two target
+    computations on the same batch agree exactly, while the student's drop path stays active."""
+    torch.manual_seed(0)
+    model = meta_arch_from_config(load_config("tiny_cpu", TINY)).train()
+    batch = _batch()
+    cls_a, patch_a = model._teacher_targets(batch, teacher_temp=0.04)
+    cls_b, patch_b = model._teacher_targets(batch, teacher_temp=0.04)
+    assert torch.equal(cls_a, cls_b) and torch.equal(patch_a, patch_b)  # old code: differ by ~0.07
+    assert model.student.training and not any(m.training for m in model.teacher.modules())
+    x = batch.global_crops
+    with torch.no_grad():
+        assert not torch.equal(model.student["backbone"](x), model.student["backbone"](x))  # student drop path on
+    model.eval()
+    model.train()  # switching back must not put the teacher in train mode
+    assert not model.teacher.training
+    # Even forced into train mode the teacher has no stochastic depth to draw (it was built without it).
+    assert model.student["backbone"].drop_path_rates == [0.1] * 12
+    assert model.teacher["backbone"].drop_path_rates == [0.0] * 12
+    model.teacher.train()
+    torch.testing.assert_close(model._teacher_targets(batch, teacher_temp=0.04)[0], cls_a, rtol=0, atol=0)
+    # Same parameters, names and order in both towers (the EMA zips them; checkpoints name them)
+    assert [(n, p.shape) for n, p in model.student.named_parameters()] == [
+        (n, p.shape) for n, p in model.teacher.named_parameters()
+    ]
+
+
+def test_student_entropy_is_the_mean_entropy_of_the_student_softmax():
+    torch.manual_seed(0)
+    model = meta_arch_from_config(load_config("tiny_cpu", [*TINY, "model.drop_path_rate=0.0"])).eval()
+    batch = _batch()
+    out = model(batch, teacher_temp=0.04)
+    # independent recomputation: every crop of every image through the student, softmax at T = 0.1, entropy by hand
+    with torch.no_grad():
+        crops = [batch.global_crops, batch.local_crops]
+        feats = [
+            model.student["backbone"].forward_features(c, masks=batch.masks if i == 0 else None).cls
+            for i, c in enumerate(crops)
+        ]
+        p = torch.softmax(model.student["dino_head"](torch.cat(feats)) / 0.1, dim=-1).double()
+        expected = -(p * p.log()).sum(-1).mean()
+    assert out.student_entropy.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert 0 < out.student_entropy.item() < math.log(128)
 
 
 def test_no_masks_gives_zero_ibot_but_still_backprops():

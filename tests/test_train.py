@@ -171,3 +171,28 @@ def test_bf16_autocast_steps_on_cpu(tmp_path):
     assert all(math.isfinite(r[k]) for r in rows for k in ("loss", "dino", "ibot", "koleo", "grad_norm"))
     assert all(p.dtype == torch.float32 for p in training.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, training.model.teacher.parameters(), strict=True))
+
+
+def test_collapse_monitor_flags_a_uniform_teacher_in_metrics(tmp_path, caplog):
+    """A teacher temperature of 1 (instead of 0.04-0.07) makes the Sinkhorn-Knopp targets uniform: after the
+    prototype freeze (1 epoch = 2 steps) plus the 20-step window the row carries the flag, and one warning says
+    what it means and what to change."""
+    with caplog.at_level("WARNING", logger="raddino.train"):
+        _, summary = _run(
+            tmp_path,
+            "train.steps_per_epoch=2",
+            "train.epochs=11",
+            "train.checkpoint_every=1000",
+            "teacher.temp_start=1.0",
+            "teacher.temp_end=1.0",
+        )
+    assert summary.steps == 22
+    rows = _metrics(tmp_path)
+    log_k = math.log(256)
+    assert all(r["dino_rel"] == pytest.approx(r["dino"] / log_k) for r in rows)
+    assert all(0 < r["student_entropy"] <= log_k + 1e-4 for r in rows)
+    assert min(r["teacher_entropy"] for r in rows) > 0.99 * log_k  # the condition held from step 1
+    # grace: steps 1-2 never count; steps 3..22 are the 20-step window, so the flag is raised at step 22 only
+    assert [(r["step"], r["collapse"]) for r in rows if "collapse" in r] == [(22, ["teacher_uniform"])]
+    warnings = [rec.getMessage() for rec in caplog.records if "collapse monitor" in rec.getMessage()]
+    assert len(warnings) == 1 and "teacher_uniform" in warnings[0] and "teacher.temp_start" in warnings[0]

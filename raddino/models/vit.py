@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm, Mlp, PatchEmbed, SwiGLUPacked
+from timm.layers import DropPath, LayerNorm, Mlp, PatchEmbed, SwiGLUPacked
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -68,6 +68,16 @@ ARCHS: dict[str, ArchSpec] = {
     # SwiGLU takes the *packed* fc1 width: int(1536 * 2.66667 * 2) = 8192 = 2 * 4096 (as in vit_giant_patch14_dinov2).
     "giant": ArchSpec(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, swiglu=True),
 }
+
+
+def drop_path_rates(drop_path_rate: float, *, depth: int, uniform: bool) -> list[float]:
+    """Per-block stochastic-depth rates: ``drop_path_rate`` everywhere (``uniform``, DINOv2's ViT-L/g rule) or growing
+    linearly from 0 at the first block to ``drop_path_rate`` at the last (timm / DeiT rule)."""
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise RaddinoError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    if uniform:
+        return [drop_path_rate] * depth
+    return [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
 
 
 @dataclass
@@ -156,8 +166,6 @@ class VisionTransformer(nn.Module):
             raise RaddinoError(f"pos_embed_interp must be one of {sorted(POS_EMBED_INTERP)}, got {pos_embed_interp!r}")
         if num_registers < 0:
             raise RaddinoError(f"num_registers must be >= 0, got {num_registers}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise RaddinoError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         if embed_dim % num_heads:
             raise RaddinoError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
 
@@ -178,10 +186,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.stored_grid**2, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
 
-        if drop_path_uniform:
-            rates = [drop_path_rate] * depth
-        else:
-            rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        rates = drop_path_rates(drop_path_rate, depth=depth, uniform=drop_path_uniform)
         self.blocks = nn.ModuleList(
             Block(
                 dim=embed_dim,
@@ -216,6 +221,22 @@ class VisionTransformer(nn.Module):
             else:
                 tokens = block(tokens)
         return tokens
+
+    def set_drop_path_rate(self, drop_path_rate: float, *, uniform: bool = True) -> None:
+        """Replace the stochastic depth of every block (rule of :func:`drop_path_rates`); 0 removes it.
+
+        DropPath holds no parameters, so the state dict and the parameter order are unchanged: the EMA teacher is
+        a copy of the student with this set to 0 (DINOv2 builds its teacher without drop path)."""
+        rates = drop_path_rates(drop_path_rate, depth=len(self.blocks), uniform=uniform)
+        for block, rate in zip(self.blocks, rates, strict=True):
+            # timm's Block uses an Identity for rate 0; keep that, so a rate-0 block does no per-sample draw at all
+            block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
+            block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
+
+    @property
+    def drop_path_rates(self) -> list[float]:
+        """Current stochastic-depth rate of each block (0 where it is an identity)."""
+        return [getattr(block.drop_path1, "drop_prob", 0.0) for block in self.blocks]
 
     @torch.no_grad()
     def init_weights(self, *, generator: torch.Generator | None = None) -> None:
