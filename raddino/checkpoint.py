@@ -19,6 +19,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,10 +66,33 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@dataclass
+class _PendingSave:
+    """An asynchronous save in flight: DCP writes ``tmp`` in a background thread; finalised by ``wait``."""
+
+    future: Future
+    tmp: Path
+    final: Path
+    state: TrainerState
+
+
 class CheckpointManager:
-    def __init__(self, directory: str | Path, *, keep_last: int) -> None:
+    """Saves, lists and loads the checkpoints of one run directory.
+
+    ``async_save``: :meth:`save` stages the state to CPU memory, returns, and lets DCP write it in a background
+    thread while training goes on; the checkpoint becomes complete (``state.json``, rename, pruning) at the next
+    :meth:`save` or :meth:`wait`. Until then the previous complete checkpoint stays the newest one, so a crash
+    mid-write loses nothing that a synchronous save would have kept. The background writer synchronises ranks on a
+    gloo group of its own, never on the training's process group, so its collectives cannot interleave with
+    training collectives.
+    """
+
+    def __init__(self, directory: str | Path, *, keep_last: int, async_save: bool = False) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending: _PendingSave | None = None
+        self._writer_group: dist.ProcessGroup | None = None
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first: ``step_…`` directories (renamed only once every rank's shards are
@@ -87,6 +111,9 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def save(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState) -> Path:
+        """Write the checkpoint of ``state.step``; returns its final path (complete on return unless
+        ``async_save``, then complete after the next :meth:`save` / :meth:`wait`)."""
+        self.wait()
         final = self.directory / f"step_{state.step:07d}"
         tmp = self.directory / f"{_TMP_PREFIX}{final.name}"
         if _rank() == 0:
@@ -96,8 +123,34 @@ class CheckpointManager:
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         with single_process_dcp():
+            if self.async_save:
+                future = dcp.async_save(
+                    {"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp, process_group=self._group()
+                )
+                self._pending = _PendingSave(future=future, tmp=tmp, final=final, state=state)
+                return final
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
-        _barrier()
+        self._finalize(tmp=tmp, final=final, state=state)
+        return final
+
+    def wait(self) -> Path | None:
+        """Finish an asynchronous save in flight (no-op without one); returns the checkpoint it completed."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        pending.future.result()  # re-raises a write error of the background thread here
+        self._finalize(tmp=pending.tmp, final=pending.final, state=pending.state)
+        return pending.final
+
+    def _group(self) -> dist.ProcessGroup | None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        if self._writer_group is None:
+            self._writer_group = dist.new_group(backend="gloo")
+        return self._writer_group
+
+    def _finalize(self, *, tmp: Path, final: Path, state: TrainerState) -> None:
+        _barrier()  # every rank's shards are written
         if _rank() == 0:
             (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
             if final.exists():  # same step saved again (e.g. the final step after a periodic save)
@@ -107,7 +160,6 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("saved checkpoint %s", final)
         _barrier()
-        return final
 
     def load(self, path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
         """Load model + optimizer in place, resharding to the current world size."""

@@ -143,6 +143,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 1000
     keep_last: int = 3
+    # write checkpoints in a background thread while training goes on (complete at the next save or at the end)
+    async_checkpoint: bool = False
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | none | PATH
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     progress: bool = True
@@ -150,8 +152,9 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    # FSDP2 sharding of student and teacher: auto (when more than one process) | on | off. docs/TRAINING.md
-    fsdp: str = "auto"
+    # FSDP2 sharding of student and teacher: null (auto: when more than one process) | true (also a single GPU) |
+    # false (never; only valid with one process). docs/TRAINING.md, "Distributed training"
+    fsdp: bool | None = None
     activation_checkpointing: int = 0  # recompute every k-th block in backward: 0 off, 1 every block
     compile: bool = False  # torch.compile each transformer block
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3); false = ZeRO-2
@@ -181,7 +184,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "npz", "shards"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "fp32"),
-    "parallel.fsdp": ("auto", "on", "off"),
     "parallel.backend": ("auto", "nccl", "gloo"),
 }
 

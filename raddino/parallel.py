@@ -169,6 +169,9 @@ def parallelize(model: nn.Module, *, plan: ParallelPlan, env: ParallelEnv) -> nn
         # The backbone returns views of its normed tokens (CLS, patches); nothing here modifies them in place, which
         # is the only case FSDP2's warning about view outputs is about.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        if not dist.is_initialized():  # FSDP2 on one process (parallel.fsdp=true) still needs a process group
+            backend = "nccl" if env.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         mesh = init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("dp",))
         for tower in (model.student, model.teacher):
             _shard_tower(tower, mesh=mesh, plan=plan)

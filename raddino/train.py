@@ -87,7 +87,12 @@ def _compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def parallel_plan_from_config(cfg: DictConfig, *, env: ParallelEnv, compute_dtype: torch.dtype | None) -> ParallelPlan:
     p = cfg.parallel
-    fsdp = p.fsdp == "on" or (p.fsdp == "auto" and env.distributed)
+    fsdp = env.distributed if p.fsdp is None else p.fsdp
+    if env.distributed and not fsdp:
+        raise RaddinoError(
+            "parallel.fsdp=false with more than one process: each process would train its own model; "
+            "drop the override (FSDP2 shards automatically when distributed)"
+        )
     return ParallelPlan(
         fsdp=fsdp,
         ac_every=p.activation_checkpointing,
@@ -133,7 +138,9 @@ def build_training(cfg: DictConfig, *, env: ParallelEnv | None = None) -> Traini
         make_loader=functools.partial(
             build.loader_from_config, cfg, rank=env.rank, world_size=env.world_size, batch_size=derived.micro_batch
         ),
-        checkpoints=CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_last),
+        checkpoints=CheckpointManager(
+            run_dir / "checkpoints", keep_last=cfg.train.keep_last, async_save=cfg.train.async_checkpoint
+        ),
         derived=derived,
         run_dir=run_dir,
         # FSDP2 computes in the gathered parameters' dtype (its mixed-precision policy); without it, autocast.
@@ -255,6 +262,7 @@ def fit(t: Training) -> FitSummary:
             if main:
                 metrics.write(json.dumps({"step": step, "refused": bad_terms}) + "\n")
             if bad >= t.max_bad_steps:
+                t.checkpoints.wait()  # a good checkpoint still being written is completed, not lost
                 if main:
                     metrics.close()
                 raise TrainingDiverged(
@@ -304,6 +312,7 @@ def fit(t: Training) -> FitSummary:
                     step=step, data_position=position, world_size=d.world_size, global_batch=d.global_batch
                 ),
             )
+    t.checkpoints.wait()
     bar.close()
     if main:
         metrics.close()

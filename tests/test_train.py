@@ -44,11 +44,14 @@ def _run(out: Path, *extra: str):
     return training, fit(training)
 
 
-def test_resume_equivalence(tmp_path):
-    """6 steps straight == 3 steps, stop, resume, 3 more (losses and final teacher to fp tolerance)."""
+@pytest.mark.parametrize("async_checkpoint", [False, True])
+def test_resume_equivalence(tmp_path, async_checkpoint):
+    """6 steps straight == 3 steps, stop, resume, 3 more (losses and final teacher to fp tolerance), with
+    synchronous and background-thread checkpoint writes."""
+    writes = f"train.async_checkpoint={str(async_checkpoint).lower()}"
     straight, _ = _run(tmp_path / "a", "train.max_steps=6", "train.checkpoint_every=100")
-    _run(tmp_path / "b", "train.max_steps=3", "train.checkpoint_every=3")
-    resumed, summary = _run(tmp_path / "b", "train.max_steps=6", "train.checkpoint_every=100")
+    _run(tmp_path / "b", "train.max_steps=3", "train.checkpoint_every=3", writes)
+    resumed, summary = _run(tmp_path / "b", "train.max_steps=6", "train.checkpoint_every=100", writes)
     assert summary.steps == 6
     a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]

@@ -20,7 +20,10 @@ import torch.multiprocessing as mp
 from test_train import SMALL
 
 from raddino.checkpoint import CheckpointManager
+from raddino.cli import main
 from raddino.config import ConfigError, batch_split, load_config
+from raddino.eval.ours import build_ours
+from raddino.interop.files import read_tensors
 from raddino.interop.runs import read_run_teacher
 from raddino.train import build_training, fit
 
@@ -131,12 +134,21 @@ def test_two_ranks_equal_one_process(tmp_path, reference):
     assert len(_rows(out)) == 4  # rank 0 alone writes metrics
     assert json.loads((out / "derived.json").read_text())["world_size"] == WORLD
     _assert_same_run(reference, out, range(1, 5))
+    # The other readers of a 2-rank (sharded) checkpoint on one process: `ours:` eval backbones and `raddino export`.
+    teacher = read_run_teacher(out).backbone
+    ours = build_ours(str(out), weights=None, random_init=False, img_size=None, seed=0)
+    for name, value in ours.model.state_dict().items():
+        torch.testing.assert_close(value, teacher[name], rtol=0, atol=0, msg=name)
+    assert main(["export", str(out), "--format", "safetensors", "--out", str(tmp_path / "export")]) == 0
+    exported = read_tensors(next((tmp_path / "export").glob("*.safetensors")))
+    assert {k: v.shape for k, v in exported.items()} == {k: teacher[k].shape for k in exported}
 
 
 @pytest.mark.timeout(300)
 def test_resume_two_ranks_to_one(tmp_path, reference):
     out = tmp_path / "2to1"
-    _two_ranks(tmp_path, out, "train.max_steps=2")
+    # asynchronous checkpoint writes on 2 ranks (their own gloo group) resume like synchronous ones
+    _two_ranks(tmp_path, out, "train.max_steps=2", "train.async_checkpoint=true")
     assert json.loads((out / "checkpoints" / "step_0000002" / "state.json").read_text())["world_size"] == WORLD
     _, summary = _one_rank(out, "train.max_steps=4")
     assert summary.steps == 4
@@ -189,3 +201,29 @@ def test_global_batch_split():
         batch_split(batch_size=8, global_batch=10, world_size=4)
     with pytest.raises(ConfigError, match="data.batch_size"):
         batch_split(batch_size=48, global_batch=128, world_size=2)
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_on_one_process_equals_plain(tmp_path, reference):
+    """parallel.fsdp=true on one process (the single-GPU bf16 path, here fp32 on CPU) trains like no sharding."""
+    from raddino import parallel
+
+    try:
+        training, summary = _one_rank(tmp_path / "fsdp1", "train.max_steps=4", "parallel.fsdp=true")
+        from torch.distributed.tensor import DTensor
+
+        assert all(isinstance(p, DTensor) for p in training.model.student.parameters())
+        assert summary.steps == 4
+    finally:
+        parallel.shutdown()
+    assert not dist.is_initialized()
+    _assert_same_run(reference, tmp_path / "fsdp1", range(1, 5))
+
+
+def test_fsdp_off_with_several_processes_is_an_error(tmp_path):
+    from raddino.errors import RaddinoError
+    from raddino.parallel import ParallelEnv
+
+    env = ParallelEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(RaddinoError, match="parallel.fsdp=false"):
+        build_training(_cfg(tmp_path, "parallel.fsdp=false"), env=env)

@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
-            time.sleep(rng.uniform(args.min_wait, args.max_wait))
+            kill_at = time.monotonic() + rng.uniform(args.min_wait, args.max_wait)
+            while time.monotonic() < kill_at and proc.poll() is None:
+                time.sleep(0.02)
             if proc.poll() is not None:
                 problems.append(f"attempt {kill} ended (exit {proc.returncode}) before its kill; see {log}")
                 break
