@@ -117,8 +117,8 @@ class SSLMetaArch(nn.Module):
         return probs
 
     @torch.no_grad()
-    def _teacher_targets(self, batch: SSLBatch, *, teacher_temp: float) -> tuple[Tensor, Tensor]:
-        """Returns CLS targets (G, B, K) and masked-patch targets (M, K)."""
+    def teacher_targets(self, batch: SSLBatch, *, teacher_temp: float) -> tuple[Tensor, Tensor]:
+        """The teacher's half of a step: CLS targets (G, B, K) and masked-patch targets (M, K), no grad."""
         tower = self.teacher
         out = tower["backbone"].forward_features(batch.global_crops)
         cls_logits = tower["dino_head"](out.cls)
@@ -131,7 +131,13 @@ class SSLMetaArch(nn.Module):
         return cls_probs.reshape(self.n_global, batch.batch_size, -1), patch_probs
 
     def forward(self, batch: SSLBatch, *, teacher_temp: float) -> SSLOutput:
-        cls_targets, patch_targets = self._teacher_targets(batch, teacher_temp=teacher_temp)
+        """One step's losses: :meth:`teacher_targets`, then :meth:`student_loss` against them."""
+        return self.student_loss(batch, self.teacher_targets(batch, teacher_temp=teacher_temp))
+
+    def student_loss(self, batch: SSLBatch, targets: tuple[Tensor, Tensor]) -> SSLOutput:
+        """The student's half: forward of all crops, DINO + iBOT + KoLeo against ``targets`` (from
+        :meth:`teacher_targets`), and the monitors. Separate so benchmarks can time the two halves."""
+        cls_targets, patch_targets = targets
         tower = self.student
         glob = tower["backbone"].forward_features(batch.global_crops, masks=batch.masks)
         cls_tokens = [glob.cls]

@@ -79,13 +79,14 @@ class FitSummary:
     seconds: float
 
 
-def _compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype matmuls run in (bf16 for ``bf16``, and for ``auto`` on CUDA), or None for fp32."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
 
 
-def parallel_plan_from_config(cfg: DictConfig, *, env: ParallelEnv, compute_dtype: torch.dtype | None) -> ParallelPlan:
+def parallel_plan_from_config(cfg: DictConfig, *, env: ParallelEnv, dtype: torch.dtype | None) -> ParallelPlan:
     p = cfg.parallel
     fsdp = env.distributed if p.fsdp is None else p.fsdp
     if env.distributed and not fsdp:
@@ -97,7 +98,7 @@ def parallel_plan_from_config(cfg: DictConfig, *, env: ParallelEnv, compute_dtyp
         fsdp=fsdp,
         ac_every=p.activation_checkpointing,
         compile=p.compile,
-        param_dtype=compute_dtype if fsdp else None,
+        param_dtype=dtype if fsdp else None,
         reduce_dtype=torch.float32,
         reshard_after_forward=p.reshard_after_forward,
     )
@@ -118,8 +119,8 @@ def build_training(cfg: DictConfig, *, env: ParallelEnv | None = None) -> Traini
     derived_batch = derive(cfg, world_size=env.world_size)  # fails early on a batch that does not split
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (FSDP2 shards them, no broadcast)
     model = build.meta_arch_from_config(cfg).to(env.device)
-    compute_dtype = _compute_dtype(cfg.train.precision, env.device)
-    plan = parallel_plan_from_config(cfg, env=env, compute_dtype=compute_dtype)
+    dtype = compute_dtype(cfg.train.precision, env.device)
+    plan = parallel_plan_from_config(cfg, env=env, dtype=dtype)
     parallel.parallelize(model, plan=plan, env=env)
     derived = derive(cfg, world_size=env.world_size, pos_embed_interp=model.student["backbone"].pos_embed_interp)
     assert derived.global_batch == derived_batch.global_batch
@@ -144,7 +145,7 @@ def build_training(cfg: DictConfig, *, env: ParallelEnv | None = None) -> Traini
         derived=derived,
         run_dir=run_dir,
         # FSDP2 computes in the gathered parameters' dtype (its mixed-precision policy); without it, autocast.
-        autocast_dtype=None if plan.fsdp else compute_dtype,
+        autocast_dtype=None if plan.fsdp else dtype,
         clip_grad=cfg.optim.clip_grad,
         log_every=cfg.train.log_every,
         checkpoint_every=cfg.train.checkpoint_every,

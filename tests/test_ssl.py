@@ -81,8 +81,8 @@ def test_teacher_targets_are_deterministic_in_train_mode():
     torch.manual_seed(0)
     model = meta_arch_from_config(load_config("tiny_cpu", TINY)).train()
     batch = _batch()
-    cls_a, patch_a = model._teacher_targets(batch, teacher_temp=0.04)
-    cls_b, patch_b = model._teacher_targets(batch, teacher_temp=0.04)
+    cls_a, patch_a = model.teacher_targets(batch, teacher_temp=0.04)
+    cls_b, patch_b = model.teacher_targets(batch, teacher_temp=0.04)
     assert torch.equal(cls_a, cls_b) and torch.equal(patch_a, patch_b)  # old code: differ by ~0.07
     assert model.student.training and not any(m.training for m in model.teacher.modules())
     x = batch.global_crops
@@ -95,7 +95,7 @@ def test_teacher_targets_are_deterministic_in_train_mode():
     assert model.student["backbone"].drop_path_rates == [0.1] * 12
     assert model.teacher["backbone"].drop_path_rates == [0.0] * 12
     model.teacher.train()
-    torch.testing.assert_close(model._teacher_targets(batch, teacher_temp=0.04)[0], cls_a, rtol=0, atol=0)
+    torch.testing.assert_close(model.teacher_targets(batch, teacher_temp=0.04)[0], cls_a, rtol=0, atol=0)
     # Same parameters, names and order in both towers (the EMA zips them; checkpoints name them)
     assert [(n, p.shape) for n, p in model.student.named_parameters()] == [
         (n, p.shape) for n, p in model.teacher.named_parameters()

@@ -1,4 +1,5 @@
-"""``raddino bench``: speed benchmarks. ``raddino bench loader`` times the shard stream of pretraining.
+"""``raddino bench``: speed benchmarks. ``raddino bench loader`` times the shard stream of pretraining,
+``raddino bench train`` the training step (split into phases, with MFU; :mod:`raddino.train_bench`).
 
 ``loader`` measures images/s through the whole per-worker pipeline of :mod:`raddino.data.stream` (tar reading,
 shuffle buffer, PIL decode, multi-crop, iBOT masks, collation), in the main process (``--workers 0``, torch
@@ -117,6 +118,87 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     probe.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default 0)")
     probe.set_defaults(func=run_probe)
+    train = sub.add_parser(
+        "train",
+        help="training step time split by phase, images/s, peak memory and MFU (synthetic data)",
+        description=(
+            "Times the real training step (build_training: FSDP2 / activation checkpointing / compile as set) on\n"
+            "synthetic radiographs: data wait, teacher forward, student forward + backward, optimizer, EMA; prints\n"
+            "images/s, peak GPU memory and model-FLOP utilisation (FLOPs counted as in raddino/flops.py) against\n"
+            "--peak-tflops or a measured matmul peak. Extra KEY=VALUE overrides go to the config."
+        ),
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--config", default="vitb14_cxr", help="recipe (default vitb14_cxr)")
+    train.add_argument("--arch", default=None, help="model.arch (tiny | small | base | large | giant)")
+    train.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
+    train.add_argument("--global-size", type=int, default=None, help="global crop side (recipe default)")
+    train.add_argument("--local-size", type=int, default=None, help="local crop side (recipe default)")
+    train.add_argument("--n-local", type=int, default=None, help="local crops per image (recipe default)")
+    train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    train.add_argument("--fsdp", action="store_true", help="FSDP2 even on one process (parallel.fsdp=true)")
+    train.add_argument("--compile", action="store_true", help="torch.compile each block")
+    train.add_argument("--ac", type=int, default=0, help="activation checkpointing every k-th block (0: off)")
+    train.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    train.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    train.add_argument("--workers", type=int, default=8, help="data loader workers (default 8)")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    train.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: measured)")
+    train.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    train.set_defaults(func=run_train)
+
+
+TRAIN_EPILOG = """examples:
+  raddino bench train --arch base --batch 64 --precision bf16 --fsdp          # ViT-B/14, 2x224 + 8x98 (H100/H200)
+  raddino bench train --arch large --batch 64 --ac 1 --compile --peak-tflops 989
+  raddino bench train --arch tiny --batch 8 --global-size 56 --local-size 28 --n-local 2 --device cpu head.out_dim=4096
+"""
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from raddino.config import load_config
+    from raddino.errors import RaddinoError
+    from raddino.train_bench import run_train_bench
+
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
+        raise RaddinoError("--steps and --batch must be >= 1 and --warmup >= 0")
+    with tempfile.TemporaryDirectory(prefix="raddino-bench-train-") as out:
+        overrides = [
+            "data.source=synthetic",
+            "data.synthetic_count=1024",
+            f"data.batch_size={args.batch}",
+            f"data.num_workers={args.workers}",
+            f"train.precision={args.precision}",
+            f"train.device={args.device}",
+            f"train.output_dir={out}",
+            "train.progress=false",
+            f"parallel.compile={str(args.compile).lower()}",
+            f"parallel.activation_checkpointing={args.ac}",
+        ]
+        if args.fsdp:
+            overrides.append("parallel.fsdp=true")
+        for key, value in (
+            ("model.arch", args.arch),
+            ("crops.global_size", args.global_size),
+            ("crops.local_size", args.local_size),
+            ("crops.n_local", args.n_local),
+        ):
+            if value is not None:
+                overrides.append(f"{key}={value}")
+        cfg = load_config(args.config, [*overrides, *args.overrides])
+        if cfg.data.synthetic_size < cfg.crops.global_size:  # synthetic images at least as large as a global crop
+            size = f"data.synthetic_size={cfg.crops.global_size}"
+            cfg = load_config(args.config, [*overrides, size, *args.overrides])
+        result = run_train_bench(cfg, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
+    print(result.describe())
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.as_dict(), indent=2))
+    return 0
 
 
 def run_probe(args: argparse.Namespace) -> int:
