@@ -10,4 +10,7 @@ pip install --quiet --no-deps -e . 2>&1 | tail -2 || true
 pip install --quiet webdataset omegaconf submitit pydicom safetensors 2>&1 | tail -2 || true
 python -c "import raddino, torchvision, timm, torch; print('imports ok', torch.__version__, torch.cuda.get_device_name())" \
     | tee "$OUT/imports.txt"
-timeout 480 python benchmarks/gpu_smoke.py --out "$OUT" --steps "${STEPS:-300}" "$@" 2>&1 | tail -40 | tee "$OUT/log.txt"
+# step split + MFU (H200 dense bf16 peak: 989 TFLOP/s; also the measured matmul peak in a second call)
+timeout 150 raddino bench train --arch base --batch 64 --precision bf16 --fsdp --steps 20 --warmup 5 \
+    --workers 12 --peak-tflops 989 --json "$OUT/bench_train.json" 2>&1 | tail -20 | tee "$OUT/bench_train.txt"
+timeout 330 python benchmarks/gpu_smoke.py --out "$OUT" --steps "${STEPS:-300}" "$@" 2>&1 | tail -40 | tee "$OUT/log.txt"

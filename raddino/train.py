@@ -14,7 +14,6 @@ import functools
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from raddino.checkpoint import CheckpointManager, TrainerState
 from raddino.config import Derived, derive, to_yaml
 from raddino.data.batch import SSLBatch
 from raddino.errors import RaddinoError
+from raddino.metrics import MetricsLog
 from raddino.monitors import CollapseMonitor
 from raddino.optim import apply_schedule, clip_grad_norm
 from raddino.parallel import ParallelEnv, ParallelPlan
@@ -164,47 +164,13 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 4099 + rank
 
 
-def _all_finite(values: dict[str, torch.Tensor]) -> list[str]:
-    """Names of non-finite terms, agreed across ranks so every rank refuses the same step."""
-    flags = torch.stack([torch.isfinite(v).all() for v in values.values()]).float()
+def _agreed_non_finite(flags: dict[str, torch.Tensor]) -> list[str]:
+    """Names whose finiteness flag is False on any rank (so every rank refuses the same step). The one host sync of
+    a training step: whether to apply it must be known before the optimizer runs."""
+    stacked = torch.stack(list(flags.values())).float()
     if dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    return [name for name, ok in zip(values, flags.tolist(), strict=True) if not ok]
-
-
-def _global_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Scalars averaged over ranks (each rank holds an equal share of the global batch): what a single process
-    would log for the whole batch, up to the per-rank KoLeo and monitors."""
-    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
-    if dist.is_initialized():
-        dist.all_reduce(stacked)
-        stacked /= dist.get_world_size()
-    return dict(zip(values, stacked.tolist(), strict=True))
-
-
-def trim_metrics(path: Path, *, last_step: int) -> int:
-    """Keep the rows of ``metrics.jsonl`` up to ``last_step`` (the step a run resumes from) and drop the rest: the
-    steps an interrupted attempt logged after its last checkpoint are trained again, and a torn last line (a kill
-    mid-write) is not JSON. Rewritten via a temporary file, so a crash here loses nothing. Returns rows dropped."""
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            dropped += 1
-            continue
-        if row.get("step", 0) > last_step or ("refused" in row and row.get("step", 0) >= last_step):
-            dropped += 1
-        else:
-            kept.append(line)
-    if dropped:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
-        log.info("metrics.jsonl: dropped %d rows logged after step %d by an interrupted attempt", dropped, last_step)
-    return dropped
+        dist.all_reduce(stacked, op=dist.ReduceOp.MIN)
+    return [name for name, ok in zip(flags, stacked.tolist(), strict=True) if not ok]
 
 
 def fit(t: Training) -> FitSummary:
@@ -223,20 +189,24 @@ def fit(t: Training) -> FitSummary:
                 state.global_batch,
             )
     step, position, bad, refused, last_ckpt = state.step, state.data_position, 0, 0, None
-    if main:
-        trim_metrics(t.run_dir / "metrics.jsonl", last_step=step)
+    log_k = math.log(t.model.out_dim)
+    metrics = MetricsLog(
+        t.run_dir / "metrics.jsonl",
+        main=main,
+        resume_step=step,
+        log_k=log_k,
+        # Grace: while the prototype layer is frozen the student cannot become uniform and targets are forming.
+        monitor=CollapseMonitor(
+            log_k=log_k, embed_dim=t.model.student["backbone"].embed_dim, grace_steps=d.freeze_last_layer_steps
+        ),
+        global_batch=d.global_batch,
+    )
     batches = iter(t.make_loader(start_position=position))
     student_params = [p for p in t.model.student.parameters() if p.requires_grad]
     autocast = torch.autocast(t.device.type, dtype=t.autocast_dtype) if t.autocast_dtype else contextlib.nullcontext()
-    metrics = (t.run_dir / "metrics.jsonl").open("a") if main else None
     bar = tqdm(total=d.max_steps, initial=step, disable=not (t.progress and main) or None, desc="pretrain")
-    start = tick = time.perf_counter()
+    start = time.perf_counter()
     t.model.train()
-    log_k = math.log(t.model.out_dim)
-    # Grace period: while the prototype layer is frozen the student cannot become uniform and targets are forming.
-    monitor = CollapseMonitor(
-        log_k=log_k, embed_dim=t.model.student["backbone"].embed_dim, grace_steps=d.freeze_last_layer_steps
-    )
     while step < d.max_steps:
         torch.manual_seed(step_seed(t.seed, step, t.env.rank))
         sched = t.schedules.at(step)
@@ -246,26 +216,24 @@ def fit(t: Training) -> FitSummary:
         position += d.global_batch
         t.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
+        finite: dict[str, torch.Tensor] = {}
         for batch in micro:
             with autocast:
                 out = t.model(batch, teacher_temp=sched.teacher_temp)
-            if bad_terms := _all_finite(out.terms()):
-                break
+            for name, value in out.terms().items():  # device flags: read once, below
+                finite[name] = torch.isfinite(value).all() & finite.get(name, True)
             (out.loss / d.accumulation_steps).backward()
             for name, value in out.scalars().items():
                 sums[name] = sums.get(name, 0.0) + value.detach() / d.accumulation_steps
-        if not bad_terms:
-            grad_norm = clip_grad_norm(student_params, t.clip_grad)
-            bad_terms = _all_finite({"grad_norm": grad_norm})
-        if bad_terms:  # never step on a non-finite loss or gradient
+        grad_norm = clip_grad_norm(student_params, t.clip_grad)
+        if bad_terms := _agreed_non_finite({**finite, "grad_norm": torch.isfinite(grad_norm)}):
+            # Never applied: the gradients are dropped by the next zero_grad, optimizer and teacher are untouched.
             bad, refused = bad + 1, refused + 1
             log.warning("step %d refused: non-finite %s (%d in a row)", step, ", ".join(bad_terms), bad)
-            if main:
-                metrics.write(json.dumps({"step": step, "refused": bad_terms}) + "\n")
+            metrics.refused(step, bad_terms)
             if bad >= t.max_bad_steps:
                 t.checkpoints.wait()  # a good checkpoint still being written is completed, not lost
-                if main:
-                    metrics.close()
+                metrics.close()
                 raise TrainingDiverged(
                     f"stopped after {bad} consecutive non-finite steps at step {step} ({', '.join(bad_terms)}); "
                     f"last good checkpoint: {t.checkpoints.latest() or 'none'}. Lower optim.base_lr or check data."
@@ -275,37 +243,15 @@ def fit(t: Training) -> FitSummary:
         t.optimizer.step()
         t.model.update_teacher(sched.momentum)
         step += 1
-        values = _global_mean({**sums, "grad_norm": grad_norm})
-        now = time.perf_counter()
-        if main:
-            row = {
-                "step": step,
-                **values,
-                "lr": sched.lr,
-                "wd": sched.weight_decay,
-                "momentum": sched.momentum,
-                "teacher_temp": sched.teacher_temp,
-                "dino_rel": values["dino"] / log_k,  # 1 = the DINO cross-entropy of a uniform student
-                "img_per_s": d.global_batch / (now - tick),
-            }
-            # Fed the values averaged over ranks, so every world size flags the same run alike.
-            flags = monitor.update(
-                step=step, **{k: row[k] for k in ("student_entropy", "teacher_entropy", "student_std")}
-            )
-            if flags:
-                row["collapse"] = [flag.name for flag in flags]
-            for flag in (f for f in flags if f.first):
-                log.warning("step %d: collapse monitor raised %s: %s", step, flag.name, flag.message)
-            metrics.write(json.dumps(row) + "\n")
-            if step % t.log_every == 0 or step == 1:
-                metrics.flush()
-                log.debug("step %d: %s", step, row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", ent=f"{row['teacher_entropy']:.2f}")
-        tick = now
-        if step % t.checkpoint_every == 0 or step == d.max_steps:
-            if main:  # the metrics of every step up to a checkpoint are on disk before the checkpoint exists
-                metrics.flush()
+        schedule = {"lr": sched.lr, "wd": sched.weight_decay, "momentum": sched.momentum}
+        metrics.add(step, {**sums, "grad_norm": grad_norm}, {**schedule, "teacher_temp": sched.teacher_temp})
+        bar.update(1)
+        checkpoint = step % t.checkpoint_every == 0 or step == d.max_steps
+        if step % t.log_every == 0 or step == 1 or checkpoint:
+            # The metrics of every step up to a checkpoint are on disk before the checkpoint exists.
+            if rows := metrics.flush():
+                bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", ent=f"{rows[-1]['teacher_entropy']:.2f}")
+        if checkpoint:
             last_ckpt = t.checkpoints.save(
                 model=t.model,
                 optimizer=t.optimizer,
@@ -315,8 +261,7 @@ def fit(t: Training) -> FitSummary:
             )
     t.checkpoints.wait()
     bar.close()
-    if main:
-        metrics.close()
+    metrics.close()
     return FitSummary(
         steps=step,
         last_checkpoint=last_ckpt or t.checkpoints.latest(),

@@ -120,9 +120,26 @@ def test_cli_diverged_exit_code(tmp_path, capsys):
     assert "non-finite" in err and "Traceback" not in err
 
 
+# Settings under which DINO bootstraps in a few hundred CPU steps on 28-px radiographs (issue "prove it learns"):
+# no photometric jitter, a constant 0.04 teacher, a faster teacher early on.
+BOOTSTRAP = [
+    "crops.brightness=0",
+    "crops.contrast=0",
+    "teacher.temp_end=0.04",
+    "teacher.momentum_start=0.95",
+    "teacher.momentum_end=0.99",
+]
+
+
 @pytest.mark.slow
 def test_learns_on_real_pneumoniamnist_without_collapse(tmp_path, pneumoniamnist):
-    """~100 CPU steps on real 28x28 chest X-rays: the DINO loss decreases and the teacher does not collapse."""
+    """100 CPU steps on real 28x28 chest X-rays: the DINO (CLS) term itself learns, not only iBOT.
+
+    Measured (2026-12-01, this config): mean dino_rel over the last 10 steps 0.956 and student entropy 6.63 against
+    log K = 6.93, no collapse flag. The same run with the tiny recipe's jitter and 0.07 teacher (an inert DINO
+    term: the student predicts uniform) gives dino_rel 0.998, student entropy 6.91, and the monitor raises
+    student_uniform at step 52 -- each assertion below fails on it.
+    """
     cfg = load_config(
         "tiny_cpu",
         [
@@ -142,21 +159,20 @@ def test_learns_on_real_pneumoniamnist_without_collapse(tmp_path, pneumoniamnist
             f"train.output_dir={tmp_path}",
             "train.progress=false",
             "train.checkpoint_every=1000",
+            *BOOTSTRAP,
         ],
     )
     summary = fit(build_training(cfg))
     assert summary.steps == 100 and summary.refused_steps == 0
     rows = _metrics(tmp_path)
-    first = sum(r["dino"] for r in rows[:10]) / 10
-    last = sum(r["dino"] for r in rows[-10:]) / 10
-    assert last < first - 0.1, (first, last)
     log_k = math.log(1024)
-    entropies = [r["teacher_entropy"] for r in rows[-20:]]
-    # 100 CPU steps do not bootstrap the DINO term far: the teacher's Sinkhorn-Knopp targets stay broad (measured
-    # ~6.72-6.76 nats against log K = 6.93 with the tiny recipe). A uniform collapse sits at log K to within 1e-3
-    # (what LayerScale 1e-5 gave here), a sharpening collapse near 0; the bounds reject both.
-    assert all(0.5 < e < log_k - 0.1 for e in entropies), (min(entropies), max(entropies), log_k)
-    # random unit vectors in 192-d have a per-dimension std of ~0.072; a representation collapse drives it to 0
+    last = rows[-10:]
+    assert not any("collapse" in r for r in rows), [(r["step"], r["collapse"]) for r in rows if "collapse" in r]
+    # The DINO cross-entropy clearly below that of a uniform student, and the student itself not uniform.
+    assert sum(r["dino_rel"] for r in last) / 10 < 0.98, [r["dino_rel"] for r in last]
+    assert sum(r["student_entropy"] for r in last) / 10 < log_k - 0.15
+    # Teacher targets neither uniform nor one-hot; features not collapsed (random unit vectors in 192-d: ~0.072).
+    assert all(0.5 < r["teacher_entropy"] < log_k - 0.1 for r in rows[-20:])
     assert min(r["student_std"] for r in rows[-20:]) > 0.03
 
 
