@@ -33,8 +33,10 @@ from raddino.errors import RaddinoError
 from raddino.monitors import CollapseMonitor
 from raddino.optim import apply_schedule, clip_grad_norm
 from raddino.parallel import ParallelEnv, ParallelPlan
+from raddino.plots import try_plot_run
 from raddino.schedules import Schedules
 from raddino.ssl import SSLMetaArch
+from raddino.tensorboard_log import ScalarLog, require_tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class Training:
     max_bad_steps: int
     resume: str
     progress: bool
+    tensorboard: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +119,8 @@ def build_training(cfg: DictConfig, *, env: ParallelEnv | None = None) -> Traini
     if not env.is_main:  # one log, one progress bar, one metrics file: rank 0's
         logging.getLogger("raddino").setLevel(logging.WARNING)
     derived_batch = derive(cfg, world_size=env.world_size)  # fails early on a batch that does not split
+    if cfg.train.tensorboard:  # every rank fails alike, before any work, when the optional package is missing
+        require_tensorboard()
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (FSDP2 shards them, no broadcast)
     model = build.meta_arch_from_config(cfg).to(env.device)
     compute_dtype = _compute_dtype(cfg.train.precision, env.device)
@@ -151,6 +156,7 @@ def build_training(cfg: DictConfig, *, env: ParallelEnv | None = None) -> Traini
         max_bad_steps=cfg.train.max_bad_steps,
         resume=cfg.train.resume,
         progress=cfg.train.progress,
+        tensorboard=cfg.train.tensorboard,
     )
 
 
@@ -228,6 +234,7 @@ def fit(t: Training) -> FitSummary:
     student_params = [p for p in t.model.student.parameters() if p.requires_grad]
     autocast = torch.autocast(t.device.type, dtype=t.autocast_dtype) if t.autocast_dtype else contextlib.nullcontext()
     metrics = (t.run_dir / "metrics.jsonl").open("a") if main else None
+    board = ScalarLog(t.run_dir, first_step=step + 1) if main and t.tensorboard else None
     bar = tqdm(total=d.max_steps, initial=step, disable=not (t.progress and main) or None, desc="pretrain")
     start = tick = time.perf_counter()
     t.model.train()
@@ -265,6 +272,8 @@ def fit(t: Training) -> FitSummary:
                 t.checkpoints.wait()  # a good checkpoint still being written is completed, not lost
                 if main:
                     metrics.close()
+                    if board is not None:
+                        board.close()
                 raise TrainingDiverged(
                     f"stopped after {bad} consecutive non-finite steps at step {step} ({', '.join(bad_terms)}); "
                     f"last good checkpoint: {t.checkpoints.latest() or 'none'}. Lower optim.base_lr or check data."
@@ -296,6 +305,8 @@ def fit(t: Training) -> FitSummary:
             for flag in (f for f in flags if f.first):
                 log.warning("step %d: collapse monitor raised %s: %s", step, flag.name, flag.message)
             metrics.write(json.dumps(row) + "\n")
+            if board is not None:
+                board.write(row)
             if step % t.log_every == 0 or step == 1:
                 metrics.flush()
                 log.debug("step %d: %s", step, row)
@@ -316,6 +327,9 @@ def fit(t: Training) -> FitSummary:
     bar.close()
     if main:
         metrics.close()
+        if board is not None:
+            board.close()
+        try_plot_run(t.run_dir, log_k=log_k)  # RUN/curves.png; a plotting failure is only a warning
     return FitSummary(
         steps=step,
         last_checkpoint=last_ckpt or t.checkpoints.latest(),
