@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "eval": "raddino.commands.eval",
     "export": "raddino.commands.export",
     "bench": "raddino.commands.bench",
+    "viz": "raddino.commands.viz",
+    "plot": "raddino.commands.plot",
 }
 
 

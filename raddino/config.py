@@ -148,6 +148,9 @@ class TrainConfig:
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | none | PATH
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     progress: bool = True
+    # TensorBoard event files in output_dir beside metrics.jsonl (rank 0, every row's scalars); optional dependency:
+    # pip install tensorboard. Off by default so a plain install never needs it
+    tensorboard: bool = False
 
 
 @dataclass

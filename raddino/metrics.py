@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from raddino.monitors import CollapseMonitor
+from raddino.tensorboard_log import ScalarLog
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,19 @@ class MetricsLog:
     """The metrics of one run (see the module docstring). ``main``: this rank writes the file (rank 0)."""
 
     def __init__(
-        self, path: Path, *, main: bool, resume_step: int, log_k: float, monitor: CollapseMonitor, global_batch: int
+        self,
+        path: Path,
+        *,
+        main: bool,
+        resume_step: int,
+        log_k: float,
+        monitor: CollapseMonitor,
+        global_batch: int,
+        board: ScalarLog | None = None,
     ) -> None:
+        """``board``: TensorBoard scalars written alongside (rank 0, ``train.tensorboard=true``)."""
         self.main, self.log_k, self.monitor, self.global_batch = main, log_k, monitor, global_batch
+        self.board = board
         if main:
             trim_metrics(path, last_step=resume_step)
         self._file = path.open("a") if main else None
@@ -108,6 +119,8 @@ class MetricsLog:
         if self.main:
             self._file.write("".join(json.dumps(row) + "\n" for row in rows))
             self._file.flush()
+            for row in rows if self.board is not None else []:
+                self.board.write(row)
             log.debug("step %d: %s", rows[-1]["step"], rows[-1])
         self._pending.clear()
         self._since = now
@@ -117,3 +130,5 @@ class MetricsLog:
         self.flush()
         if self._file is not None:
             self._file.close()
+        if self.board is not None:
+            self.board.close()

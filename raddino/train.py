@@ -33,8 +33,10 @@ from raddino.metrics import MetricsLog
 from raddino.monitors import CollapseMonitor
 from raddino.optim import apply_schedule, clip_grad_norm
 from raddino.parallel import ParallelEnv, ParallelPlan
+from raddino.plots import try_plot_run
 from raddino.schedules import Schedules
 from raddino.ssl import SSLMetaArch
+from raddino.tensorboard_log import ScalarLog, require_tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class Training:
     max_bad_steps: int
     resume: str
     progress: bool
+    tensorboard: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -117,6 +120,8 @@ def build_training(cfg: DictConfig, *, env: ParallelEnv | None = None) -> Traini
     if not env.is_main:  # one log, one progress bar, one metrics file: rank 0's
         logging.getLogger("raddino").setLevel(logging.WARNING)
     derived_batch = derive(cfg, world_size=env.world_size)  # fails early on a batch that does not split
+    if cfg.train.tensorboard:  # every rank fails alike, before any work, when the optional package is missing
+        require_tensorboard()
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (FSDP2 shards them, no broadcast)
     model = build.meta_arch_from_config(cfg).to(env.device)
     dtype = compute_dtype(cfg.train.precision, env.device)
@@ -152,6 +157,7 @@ def build_training(cfg: DictConfig, *, env: ParallelEnv | None = None) -> Traini
         max_bad_steps=cfg.train.max_bad_steps,
         resume=cfg.train.resume,
         progress=cfg.train.progress,
+        tensorboard=cfg.train.tensorboard,
     )
 
 
@@ -200,6 +206,7 @@ def fit(t: Training) -> FitSummary:
             log_k=log_k, embed_dim=t.model.student["backbone"].embed_dim, grace_steps=d.freeze_last_layer_steps
         ),
         global_batch=d.global_batch,
+        board=ScalarLog(t.run_dir, first_step=step + 1) if main and t.tensorboard else None,
     )
     batches = iter(t.make_loader(start_position=position))
     student_params = [p for p in t.model.student.parameters() if p.requires_grad]
@@ -262,6 +269,8 @@ def fit(t: Training) -> FitSummary:
     t.checkpoints.wait()
     bar.close()
     metrics.close()
+    if main:
+        try_plot_run(t.run_dir, log_k=log_k)  # RUN/curves.png; a plotting failure is only a warning
     return FitSummary(
         steps=step,
         last_checkpoint=last_ckpt or t.checkpoints.latest(),

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from raddino.errors import RaddinoError
-from raddino.eval.backbones import FEATURE_PROTOCOLS, Preprocess, build_backbone_adapter, layer_index
+from raddino.eval.backbones import FEATURE_PROTOCOLS, Preprocess, build_backbone_adapter, layer_index, parse_spec
 
 
 def _batch(backbone, n: int = 2) -> torch.Tensor:
@@ -202,3 +203,52 @@ def test_ours_from_a_run_directory_and_an_export(tmp_path: Path):
     assert random.weights_digest() != ours.weights_digest()
     with pytest.raises(RaddinoError, match="config.yaml"):
         build_backbone_adapter(f"ours:{tmp_path}")
+
+
+def test_pixels_baseline_features_are_the_preprocessed_pixels():
+    assert parse_spec("pixels") == ("pixels", "") and parse_spec("pixels:28") == ("pixels", "28")
+    default = build_backbone_adapter("pixels")
+    assert default.spec == "pixels:28" and default.feature_dim("cls") == 28 * 28
+    pixels = build_backbone_adapter("pixels:8")
+    assert pixels.preprocess.size == 8 and pixels.preprocess.gray and pixels.feature_dim("cls") == 64
+    assert build_backbone_adapter("pixels:8", img_size=12).feature_dim("cls") == 144  # the override wins
+    image = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)  # colour -> gray
+    x = pixels.preprocess(image).unsqueeze(0)
+    feats = pixels.features(x, ["cls"])["cls"]
+    assert feats.shape == (1, 64)
+    gray = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32) / 255
+    expected = np.asarray(Image.fromarray(gray, mode="F").resize((8, 8), Image.Resampling.BICUBIC, box=(0, 5, 30, 35)))
+    np.testing.assert_allclose(feats[0].numpy(), np.clip(expected, 0, 1).ravel(), atol=1e-5)
+    again = build_backbone_adapter("pixels:8", random_init=True, seed=3)  # nothing random: same features, same key
+    torch.testing.assert_close(again.features(x, ["cls"])["cls"], feats)
+    assert again.identity() == pixels.identity() != default.identity()
+    with pytest.raises(RaddinoError, match="only the cls protocol"):
+        pixels.features(x, ["cls_mean"])
+    for bad in ("pixels:0", "pixels:x"):
+        with pytest.raises(RaddinoError, match="pixels:SIZE"):
+            build_backbone_adapter(bad)
+    with pytest.raises(RaddinoError, match="no weights"):
+        build_backbone_adapter("pixels", weights="w.safetensors")
+
+
+def test_pixels_baseline_linear_probe_beats_chance_on_a_planted_signal(tmp_path: Path):
+    """A faint 4x4 bright square in the positives, under noise: the raw-pixel probe must find it."""
+    import json
+
+    from raddino.cli import main
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 200), ("val", 60), ("test", 200)):
+        labels = rng.integers(0, 2, n)
+        images = rng.normal(110, 30, (n, 16, 16))
+        images[labels == 1, 2:6, 9:13] += 25
+        arrays[f"{split}_images"] = np.clip(images, 0, 255).astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1)
+    np.savez(tmp_path / "planted.npz", **arrays)
+    out = tmp_path / "eval"
+    argv = ["eval", "--dataset", str(tmp_path / "planted.npz"), "--backbone", "pixels:16", "--protocol", "linear"]
+    assert main([*argv, "--bootstrap", "50", "--no-cache", "--no-plots", "--out", str(out)]) == 0
+    (record,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert record["backbone"] == "pixels:16" and record["features"] == "cls"
+    assert record["metrics"]["auroc"] > 0.9 and record["ci"]["auroc"][0] > 0.75

@@ -16,7 +16,7 @@ EPILOG = """examples:
   raddino eval --dataset ../shared/data/pneumoniamnist.npz --backbone timm:vit_tiny_patch16_224 --random-init \\
       --img-size 64 --protocol linear knn_cosine --features cls_mean
 
-Backbones: timm:NAME, hf:PATH_OR_ID, open_clip:ARCH/TAG, ours:RUN_OR_EXPORT_DIR.
+Backbones: timm:NAME, hf:PATH_OR_ID, open_clip:ARCH/TAG, ours:RUN_OR_EXPORT_DIR, pixels[:SIZE] (raw pixels).
 Protocols: linear, knn_cosine, knn_euclidean, finetune_frozen, finetune_unfrozen.
 Features: cls, mean, cls_mean, dinov2_linear.
 Outputs in --out: results.jsonl, results.csv, summary.csv, results.md, plots/*.png. See docs/EVAL.md.

@@ -7,7 +7,8 @@ A backbone is named by a spec string:
 * ``hf:PATH_OR_ID`` -- a Hugging Face ``transformers`` vision model: ``Dinov2Model`` (RAD-DINO, DINOv2, also with
   registers) or a BLIP vision encoder (``BlipVisionModel``, or the ``vision_model`` of a full BLIP checkpoint);
 * ``open_clip:ARCH/TAG`` -- an OpenCLIP image tower (optional extra: ``pip install 'raddino[open_clip]'``);
-* ``ours:PATH`` -- a raddino run directory (teacher of the newest checkpoint) or an exported directory.
+* ``ours:PATH`` -- a raddino run directory (teacher of the newest checkpoint) or an exported directory;
+* ``pixels`` / ``pixels:SIZE`` -- no model: the preprocessed gray image itself, flattened (the raw-pixel floor).
 
 Each adapter carries its own :class:`Preprocess` (input size, mean / std, gray or colour) and declares the feature
 dimension of every protocol (:meth:`Backbone.feature_dim`). Feature protocols (:data:`FEATURE_PROTOCOLS`):
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 
 FEATURE_PROTOCOLS = ("cls", "mean", "cls_mean", "dinov2_linear")
 RESIZE_MODES = ("resize", "pad")
-BACKBONE_KINDS = ("timm", "hf", "open_clip", "ours")
+BACKBONE_KINDS = ("timm", "hf", "open_clip", "ours", "pixels")
+PIXELS_SIZE = 28  # pixels baseline default: MedMNIST's native size (the issue's raw-pixel floor on PneumoniaMNIST)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -509,6 +511,43 @@ def build_open_clip(name: str, *, weights: Path | None, random_init: bool, img_s
 
 
 # --------------------------------------------------------------------------------------------------------------
+# raw pixels (baseline)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class PixelsBackbone(Backbone):
+    """The raw-pixel baseline: features are the preprocessed gray image, ``(B, 3, S, S)`` -> ``(B, S*S)`` (the
+    three channels are the same gray copy, so one is kept). No parameters; only the ``cls`` protocol applies."""
+
+    def __init__(self, *, size: int) -> None:
+        # mean 0 / std 1: features are the [0, 1] pixels (the probes standardise them anyway)
+        preprocess = Preprocess(size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), gray=True)
+        super().__init__(
+            spec=f"pixels:{size}",
+            model=nn.Identity(),
+            preprocess=preprocess,
+            cls_dim=size * size,
+            patch_dim=0,
+            has_cls=False,
+        )
+
+    def tokens(self, x: Tensor, n_last: int) -> list[Tokens]:
+        return [Tokens(cls=None, patch=None, pooled=x[:, 0].flatten(1))]
+
+
+def build_pixels(name: str, *, weights: Path | None, random_init: bool, img_size: int | None, seed: int) -> Backbone:
+    """``pixels`` (``name`` empty: :data:`PIXELS_SIZE`) or ``pixels:SIZE``; ``img_size`` overrides the size.
+    ``random_init`` / ``seed`` change nothing (there are no weights)."""
+    if weights is not None:
+        raise RaddinoError("the pixels baseline has no weights; drop --weights / weights:")
+    if name and not (name.isdigit() and int(name) > 0):
+        raise RaddinoError(
+            f"pixels:{name}: expected pixels or pixels:SIZE with a positive integer SIZE, e.g. pixels:28"
+        )
+    return PixelsBackbone(size=img_size or (int(name) if name else PIXELS_SIZE))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # weights files
 # --------------------------------------------------------------------------------------------------------------
 
@@ -549,11 +588,14 @@ def _load_state_dict_file(model: nn.Module, path: Path) -> None:
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
-    """``"kind:name"`` -> (kind, name); raises :class:`RaddinoError` for an unknown kind."""
+    """``"kind:name"`` (or ``"pixels"``) -> (kind, name); raises :class:`RaddinoError` for an unknown kind."""
     kind, sep, name = spec.partition(":")
+    if spec == "pixels":  # the one kind without a name
+        return "pixels", ""
     if not sep or not name or kind not in BACKBONE_KINDS:
         raise RaddinoError(
-            f"unknown backbone {spec!r}; expected timm:NAME, hf:PATH_OR_ID, open_clip:ARCH/TAG or ours:PATH"
+            f"unknown backbone {spec!r}; expected timm:NAME, hf:PATH_OR_ID, open_clip:ARCH/TAG, ours:PATH or "
+            "pixels[:SIZE]"
         )
     return kind, name
 
@@ -582,6 +624,8 @@ def build_backbone_adapter(
         builder = build_hf
     elif kind == "open_clip":
         builder = build_open_clip
+    elif kind == "pixels":
+        builder = build_pixels
     else:
         from raddino.eval.ours import build_ours
 
