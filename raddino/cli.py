@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "eval": "raddino.commands.eval",
     "export": "raddino.commands.export",
     "bench": "raddino.commands.bench",
+    "launch": "raddino.commands.launch",
 }
 
 
