@@ -94,9 +94,10 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 ReturnToService=2
 JobRequeue=1
-# fast turnaround for tests: finished jobs leave the controller's memory quickly, killed tasks go quickly
+# Killed tasks get SIGKILL 2 s after SIGTERM (submitit's handler ignores SIGTERM); finished jobs stay visible to
+# squeue for 5 minutes.
 MinJobAge=300
-KillWait=5
+KillWait=2
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=30

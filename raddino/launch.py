@@ -512,7 +512,11 @@ def submit(task: Task, profile: Profile, *, local: bool) -> Any:
         executor.update_parameters(**sbatch_parameters(profile))
     try:
         job = executor.submit(task)
-    except (subprocess.CalledProcessError, submitit.core.utils.FailedSubmissionError) as err:
+    except (
+        subprocess.CalledProcessError,
+        submitit.core.utils.FailedJobError,
+        submitit.core.utils.FailedSubmissionError,
+    ) as err:
         detail = getattr(err, "stderr", None) or getattr(err, "output", None) or str(err)
         if isinstance(detail, bytes):
             detail = detail.decode(errors="replace")

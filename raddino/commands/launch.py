@@ -117,7 +117,7 @@ def _submit(args: argparse.Namespace, task, profile) -> int:
     print(f"task logs: {folder}/{job.job_id}_<task>_log.out|err;  status: raddino launch status {run_dir}")
     if args.local:
         try:
-            job.result()  # the local tasks are children of this process: wait for them
+            job.results()  # the local tasks are children of this process: wait for all of them
         except Exception as err:  # the task's error, as submitit re-raises it
             print(launch.run_status(run_dir))
             print(f"job {job.job_id} failed: {str(err).strip().splitlines()[-1]}")
