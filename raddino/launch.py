@@ -413,7 +413,22 @@ def _pid_alive(pid: str) -> bool:
     return True
 
 
-ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"})
+# squeue states of a job still in the queue (a requeued job passes through COMPLETING / REQUEUED to PENDING).
+ACTIVE_STATES = frozenset(
+    {
+        "PENDING",
+        "RUNNING",
+        "CONFIGURING",
+        "COMPLETING",
+        "REQUEUED",
+        "REQUEUE_FED",
+        "REQUEUE_HOLD",
+        "RESIZING",
+        "SUSPENDED",
+        "SIGNALING",
+        "STAGE_OUT",
+    }
+)
 
 
 def run_status(run_dir: Path) -> str:

@@ -48,6 +48,8 @@ def _add_resource_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", "-P", default=None, help="cluster profile: name in launch/ or a YAML path")
     group = parser.add_argument_group("resources (override the profile)")
     for name, options in _FLAGS.items():
+        if options.get("action") is not argparse.BooleanOptionalAction:
+            options = {"metavar": name.upper(), **options}
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"res_{name}", default=None, **options)
     parser.add_argument("--local", action="store_true", help="run on this machine (no SLURM), waiting for the end")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
