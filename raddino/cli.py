@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "bench": "raddino.commands.bench",
     "viz": "raddino.commands.viz",
     "plot": "raddino.commands.plot",
+    "launch": "raddino.commands.launch",
 }
 
 
