@@ -37,17 +37,7 @@ VITB = [
     "train.precision=bf16",
     "parallel.fsdp=true",
 ]
-TINY = [
-    "model.img_size=28",
-    "crops.global_size=28",
-    "crops.local_size=14",
-    "head.out_dim=256",
-    "head.hidden_dim=64",
-    "head.bottleneck_dim=32",
-    "data.synthetic_size=56",
-    "train.device=cpu",
-    "parallel.fsdp=true",
-]
+TINY = ["train.device=cpu", "parallel.fsdp=true"]  # on top of configs/micro_cpu.yaml
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         f"parallel.compile={str(args.compile).lower()}",
         *args.overrides,
     ]
-    cfg = load_config("tiny_cpu", overrides)
+    cfg = load_config("micro_cpu" if args.cpu_smoke else "tiny_cpu", overrides)
     wall = time.perf_counter()
     training = build_training(cfg)
     if training.device.type == "cuda":

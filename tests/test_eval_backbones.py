@@ -162,28 +162,21 @@ def test_ours_from_a_run_directory_and_an_export(tmp_path: Path):
     from raddino.config import load_config
     from raddino.train import build_training, fit
 
-    overrides = [
-        "model.img_size=28",
-        "crops.global_size=28",
-        "crops.local_size=14",
-        "crops.n_local=2",
+    overrides = [  # on top of configs/micro_cpu.yaml
         "head.out_dim=128",
         "head.hidden_dim=32",
         "head.bottleneck_dim=16",
         "data.synthetic_count=32",
-        "data.synthetic_size=56",
         "data.batch_size=4",
-        "data.num_workers=0",
         "train.steps_per_epoch=2",
         "train.epochs=1",
         "train.max_steps=2",
         "train.checkpoint_every=2",
         "optim.warmup_epochs=0",
         "teacher.temp_warmup_epochs=0",
-        "train.progress=false",
         f"train.output_dir={tmp_path / 'run'}",
     ]
-    training = build_training(load_config("tiny_cpu", overrides))
+    training = build_training(load_config("micro_cpu", overrides))
     fit(training)
     teacher = training.model.teacher["backbone"].eval()
     ours = build_backbone_adapter(f"ours:{tmp_path / 'run'}")

@@ -24,25 +24,8 @@ from raddino.errors import RaddinoError
 REPO = Path(raddino.__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "launch" / "slurm_local_cluster.sh"
 
-# The tiny CPU run of tests/test_train.py (28 px crops, tiny heads), 4 steps per epoch.
-SMALL = [
-    "model.img_size=28",
-    "crops.global_size=28",
-    "crops.local_size=14",
-    "crops.n_local=2",
-    "head.out_dim=256",
-    "head.hidden_dim=64",
-    "head.bottleneck_dim=32",
-    "data.synthetic_count=64",
-    "data.synthetic_size=56",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "train.steps_per_epoch=4",
-    "optim.warmup_epochs=1",
-    "teacher.temp_warmup_epochs=1",
-    "train.device=cpu",
-    "train.log_every=1",
-]
+# configs/micro_cpu.yaml (the tiny CPU run of tests/test_train.py: 28 px crops, tiny heads, 4 steps per epoch).
+SMALL = ["train.device=cpu", "train.log_every=1"]
 # What the test cluster can hold: 1 core and a little memory per task (the machine may have only 2 cores).
 RESOURCES = ["--profile", "local", "--time", "00:10:00"]
 
@@ -55,7 +38,7 @@ def _pretrain(run_dir: Path, *extra: str, epochs: int = 2) -> list[str]:
     return [
         "pretrain",
         "--config",
-        "tiny_cpu",
+        "micro_cpu",
         *RESOURCES,
         *SMALL,
         f"train.epochs={epochs}",
@@ -170,7 +153,7 @@ def test_run_dir_used_by_a_different_config(tmp_path, capsys, no_slurm):
     run = tmp_path / "run"
     run.mkdir()
     # What the trainer writes at the start of a run.
-    cfg = load_config("tiny_cpu", [*SMALL, "train.epochs=2", f"train.output_dir={run}", "optim.base_lr=0.01"])
+    cfg = load_config("micro_cpu", [*SMALL, "train.epochs=2", f"train.output_dir={run}", "optim.base_lr=0.01"])
     (run / "config.yaml").write_text(to_yaml(cfg))
     assert _launch(*_pretrain(run, "optim.base_lr=0.001"), "--dry-run") == 2
     err = capsys.readouterr().err

@@ -16,24 +16,17 @@ from raddino.cli import main
 from raddino.errors import RaddinoError
 from raddino.plots import log_k_from_rows, read_metrics, try_plot_run
 
-TINY = [
-    "model.img_size=28",
-    "crops.global_size=28",
-    "crops.local_size=14",
-    "crops.n_local=2",
+TINY = [  # on top of configs/micro_cpu.yaml
     "head.out_dim=128",
     "head.hidden_dim=32",
     "head.bottleneck_dim=16",
     "data.synthetic_count=32",
-    "data.synthetic_size=56",
     "data.batch_size=4",
-    "data.num_workers=0",
     "train.steps_per_epoch=3",
     "train.epochs=1",
     "train.checkpoint_every=100",
     "optim.warmup_epochs=0",
     "teacher.temp_warmup_epochs=0",
-    "train.progress=false",
 ]
 
 
@@ -99,7 +92,7 @@ def _fit(out: Path, *extra: str):
     from raddino.config import load_config
     from raddino.train import build_training, fit
 
-    return fit(build_training(load_config("tiny_cpu", [*TINY, f"train.output_dir={out}", *extra])))
+    return fit(build_training(load_config("micro_cpu", [*TINY, f"train.output_dir={out}", *extra])))
 
 
 def test_fit_writes_curves_and_tensorboard_events(tmp_path: Path):
@@ -125,7 +118,7 @@ def test_tensorboard_missing_is_a_clear_error_at_start(tmp_path: Path, monkeypat
     # None in sys.modules makes `import` raise ImportError: TensorBoard as if not installed
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    cfg = load_config("tiny_cpu", [*TINY, f"train.output_dir={tmp_path}", "train.tensorboard=true"])
+    cfg = load_config("micro_cpu", [*TINY, f"train.output_dir={tmp_path}", "train.tensorboard=true"])
     with pytest.raises(RaddinoError, match="pip install tensorboard"):
         build_training(cfg)
     assert not (tmp_path / "metrics.jsonl").exists()

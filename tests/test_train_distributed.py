@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_train import SMALL
+from test_train import MICRO, SMALL
 
 from raddino.checkpoint import CheckpointManager
 from raddino.cli import main
@@ -47,7 +47,7 @@ TERMS = ("loss", "dino", "ibot", "grad_norm", "teacher_entropy", "lr", "momentum
 
 
 def _cfg(out: Path, *extra: str):
-    return load_config("tiny_cpu", [*EQUIV, f"train.output_dir={out}", *extra])
+    return load_config(MICRO, [*EQUIV, f"train.output_dir={out}", *extra])
 
 
 def _rows(run: Path) -> list[dict]:

@@ -14,25 +14,18 @@ from raddino.cli import main
 from raddino.models.attention import last_block_cls_attention
 from raddino.models.vit import VisionTransformer
 
-RUN_OVERRIDES = [
-    "model.img_size=28",
-    "crops.global_size=28",
-    "crops.local_size=14",
-    "crops.n_local=2",
+RUN_OVERRIDES = [  # on top of configs/micro_cpu.yaml
     "head.out_dim=128",
     "head.hidden_dim=32",
     "head.bottleneck_dim=16",
     "data.synthetic_count=32",
-    "data.synthetic_size=56",
     "data.batch_size=4",
-    "data.num_workers=0",
     "train.steps_per_epoch=2",
     "train.epochs=1",
     "train.max_steps=2",
     "train.checkpoint_every=2",
     "optim.warmup_epochs=0",
     "teacher.temp_warmup_epochs=0",
-    "train.progress=false",
 ]
 
 
@@ -105,7 +98,7 @@ def tiny_run(tmp_path_factory) -> Path:
     from raddino.train import build_training, fit
 
     run = tmp_path_factory.mktemp("viz") / "run"
-    fit(build_training(load_config("tiny_cpu", [*RUN_OVERRIDES, f"train.output_dir={run}"])))
+    fit(build_training(load_config("micro_cpu", [*RUN_OVERRIDES, f"train.output_dir={run}"])))
     return run
 
 

@@ -26,27 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
-# A tiny, fast run: ~0.1 s per step on one CPU core, a checkpoint every 5 steps.
-OVERRIDES = [
-    "model.img_size=28",
-    "crops.global_size=28",
-    "crops.local_size=14",
-    "head.out_dim=256",
-    "head.hidden_dim=64",
-    "head.bottleneck_dim=32",
-    "data.synthetic_count=64",
-    "data.synthetic_size=56",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "train.device=cpu",
-    "train.progress=false",
-    "train.keep_last=3",
-]
+# configs/micro_cpu.yaml: ~0.1 s per step on one CPU core.
+OVERRIDES = ["train.device=cpu", "train.keep_last=3"]
 
 
 def command(run: Path, *, steps: int, every: int, nproc: int) -> list[str]:
     # epochs x 1 step: the run's length is exactly `steps` (and warmups last a step or two).
-    args = ["pretrain", "--config", "tiny_cpu", *OVERRIDES, f"train.output_dir={run}", f"train.epochs={steps}"]
+    args = ["pretrain", "--config", "micro_cpu", *OVERRIDES, f"train.output_dir={run}", f"train.epochs={steps}"]
     args += ["train.steps_per_epoch=1", f"train.checkpoint_every={every}"]
     if nproc == 1:
         return [sys.executable, "-m", "raddino.cli", *args]
