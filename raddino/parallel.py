@@ -188,10 +188,3 @@ def parallelize(model: nn.Module, *, plan: ParallelPlan, env: ParallelEnv) -> nn
 def sharded_modules(module: nn.Module) -> list[FSDPModule]:
     """The FSDP2 units inside ``module`` (empty when it is not sharded)."""
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
-
-
-def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
-    """Skip (False) or do (True) FSDP2's gradient reduce-scatter in the next backward: gradient accumulation
-    reduces once, on the last micro-batch, instead of once per micro-batch."""
-    for unit in sharded_modules(module):
-        unit.set_requires_gradient_sync(enabled, recurse=False)
