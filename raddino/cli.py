@@ -9,8 +9,6 @@ import sys
 
 from raddino.errors import RaddinoError
 
-log = logging.getLogger(__name__)
-
 # Sub-command modules; each exposes ``add_parser(subparsers)`` which registers a parser whose ``func`` takes the
 # parsed ``argparse.Namespace`` and returns an exit code. Imported lazily so ``raddino --help`` stays fast.
 COMMANDS: dict[str, str] = {

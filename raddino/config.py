@@ -7,7 +7,6 @@ the run directory; they are never written back into the config.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,8 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from raddino.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -266,6 +263,9 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError("invalid config key 'crops.n_global': need at least one global crop")
     if cfg.data.batch_size < 1:
         raise ConfigError("invalid config key 'data.batch_size': must be >= 1")
+    for key in ("head.out_dim", "head.hidden_dim", "head.bottleneck_dim", "head.nlayers"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"invalid config key '{key}': must be >= 1")
     if cfg.data.global_batch is not None and cfg.data.global_batch < 1:
         raise ConfigError("invalid config key 'data.global_batch': must be >= 1")
     if cfg.parallel.activation_checkpointing < 0:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -10,8 +9,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-
-log = logging.getLogger(__name__)
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 # Position embeddings and learned tokens sit in the input layer; like biases and norms they are not decayed.

@@ -172,6 +172,3 @@ class SSLMetaArch(nn.Module):
         student = list(self.student.parameters())
         torch._foreach_mul_(teacher, momentum)
         torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
-
-    def student_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return list(self.student.named_parameters())

@@ -7,12 +7,9 @@ such as the collapse flags, and refused steps are not scalars and are skipped). 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from raddino.errors import RaddinoError
-
-log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install tensorboard (or pip install 'raddino[tensorboard]')"
 

@@ -30,6 +30,8 @@ def test_defaults_recipe_then_overrides_and_frozen():
         ("train.epochs=1.5", "train.epochs"),
         ("crops.global_scale=[0.5,0.2]", "crops.global_scale"),
         ("crops.global_size=50", "crops.global_size"),
+        ("head.nlayers=0", "head.nlayers"),
+        ("head.out_dim=0", "head.out_dim"),
     ],
 )
 def test_bad_override_names_the_key(override, key):

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -26,8 +27,6 @@ from raddino.interop.runs import read_run_teacher
 from raddino.interop.source import read_source
 from raddino.models.vit import VisionTransformer
 from raddino.train import build_training, fit
-
-timm = pytest.importorskip("timm")
 
 TOL = 1e-4
 SMALL = [

@@ -14,6 +14,7 @@ import pickle
 import re
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -27,8 +28,6 @@ from raddino.interop.source import SourceInfo, inspect_source, read_source
 from raddino.models.heads import DINOHead
 from raddino.models.vit import VisionTransformer
 from raddino.ssl import SSLMetaArch
-
-timm = pytest.importorskip("timm")
 
 DIM, DEPTH, HEADS, PATCH = 64, 2, 2, 14
 SIZES = (518, 224, 98)
@@ -599,3 +598,30 @@ def test_pretrain_continues_from_timm_reg4_weights(tmp_path) -> None:
     assert json.loads((tmp_path / "run" / "derived.json").read_text())["pos_embed_interp"] == "dinov2_reg"
     wrong = [o for o in overrides if not o.startswith("model.num_registers")]
     assert main(["pretrain", "--config", "tiny_cpu", *wrong]) == 2
+
+
+def test_missing_weight_file_is_not_taken_for_a_hub_id(tmp_path):
+    """``bad/nonexistent.pth`` is a missing file; ``owner/name`` without a suffix gets the hub-id hint."""
+    with pytest.raises(RaddinoError, match="no such file or directory: bad/nonexistent.pth") as err:
+        read_source("bad/nonexistent.pth")
+    assert "hub" not in str(err.value)
+    with pytest.raises(RaddinoError, match="hub ids are not downloaded"):
+        read_source("microsoft/rad-dino-missing")
+
+
+def test_non_strict_import_warns_once_and_teacher_equals_student(tmp_path, caplog) -> None:
+    """init_strict=false: one warning for the model (not one per tower), and both towers hold the same weights --
+    imported keys from the source, the rest from the shared initialisation."""
+    source = _timm_model("vit_small_patch14_reg4_dinov2", seed=41)
+    path = tmp_path / "timm.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    deeper = _meta_arch(depth=3, registers=0, rule="dinov2_reg")
+    with caplog.at_level("WARNING", logger="raddino.interop.load"):
+        init_meta_arch(deeper, init_from=path, strict=False)
+    warnings = [r for r in caplog.records if "keys not loaded" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    student, teacher = deeper.student["backbone"].state_dict(), deeper.teacher["backbone"].state_dict()
+    assert student.keys() == teacher.keys()
+    for key in student:
+        assert torch.equal(student[key], teacher[key]), key
+    torch.testing.assert_close(student["blocks.0.attn.qkv.weight"], source.state_dict()["blocks.0.attn.qkv.weight"])

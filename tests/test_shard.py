@@ -251,7 +251,7 @@ def test_16bit_png_round_trip_keeps_depth(tmp_path: Path) -> None:
 
 
 def test_shard_rolling_manifest_hashes_and_webdataset_reader(tmp_path: Path) -> None:
-    webdataset = pytest.importorskip("webdataset")
+    import webdataset
     rng = np.random.default_rng(0)
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import os
 import tarfile
 import tempfile
@@ -23,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 EPILOG = """examples:
   raddino bench loader                                  # synthetic 512 px 8- and 16-bit shards, 0 and 2 workers

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 # Probe sets are drawn with seeds the pretraining stream never uses (it uses train.seed).
 _PROBE_SPLITS = {"train": (1000, 10_001), "val": (400, 10_002), "test": (800, 10_003)}

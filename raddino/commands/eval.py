@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import time
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 EPILOG = """examples:
   raddino eval --suite eval/medmnist_chest.yaml

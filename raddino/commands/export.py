@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 EPILOG = """formats:
   safetensors  raddino's own (backbone.safetensors + config.yaml): `ours:DIR` in raddino eval, model.init_from=DIR

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 EPILOG = """examples:
   raddino launch pretrain --config vitb14_cxr --profile example_cluster --nodes 16 --gpus-per-node 4 \\

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 _SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 EPILOG = """examples:
   raddino viz runs/cxr --images ../shared/data/cxr-covid-sample/images --max-images 16

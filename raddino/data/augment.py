@@ -13,7 +13,6 @@ output tensor) is a few numpy passes per crop, so this beats an 8-bit lookup-tab
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -23,8 +22,6 @@ from PIL import Image
 from torch import Tensor
 
 from raddino.errors import RaddinoError
-
-log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

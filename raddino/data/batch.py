@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,8 +9,6 @@ import torch
 from torch import Tensor
 
 from raddino.errors import RaddinoError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

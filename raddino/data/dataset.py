@@ -14,7 +14,6 @@ reads torch's or Python's global random state.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -27,8 +26,6 @@ from raddino.data.batch import SSLBatch, SSLSample, collate_ssl
 from raddino.data.masking import sample_ibot_mask
 from raddino.data.sources import ImageSource
 from raddino.errors import RaddinoError
-
-log = logging.getLogger(__name__)
 
 # Separate seed streams, so that epoch e's permutation and position p's augmentation never share a generator state.
 _PERMUTATION_STREAM = 0
@@ -114,11 +111,6 @@ class SSLDataset(Dataset[SSLSample]):
             ratio_min=self.mask_ratio[0],
             ratio_max=self.mask_ratio[1],
         )
-
-    @property
-    def epoch_length(self) -> int:
-        """Positions per pass over the source."""
-        return len(self.source)
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The image order of ``epoch`` (int64, a permutation of ``range(len(source))``); the last two are cached."""

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-log = logging.getLogger(__name__)
 
 # ITU-R BT.601 luma weights (the ones PIL's convert("L") uses).
 _LUMA_601 = np.array([0.299, 0.587, 0.114], dtype=np.float64)

@@ -6,14 +6,11 @@ there). Blocks are rectangles of random area and aspect ratio added until the ta
 
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
 
 from raddino.errors import RaddinoError
-
-log = logging.getLogger(__name__)
 
 _BLOCK_ATTEMPTS = 10  # tries per block before giving up on adding one (BEiT / DINOv2)
 

@@ -17,14 +17,10 @@ Image ``i`` depends only on ``(seed, i)``: separate generators for anatomy, lesi
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 from PIL import Image, ImageFilter
 
 from raddino.errors import RaddinoError
-
-log = logging.getLogger(__name__)
 
 _RIB_COUNT = 10  # posterior ribs visible over the lungs on a PA film
 

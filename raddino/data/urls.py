@@ -15,7 +15,6 @@ pattern is expanded, so a typo fails at start-up with the missing path named, no
 
 from __future__ import annotations
 
-import logging
 import shlex
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,8 +23,6 @@ from urllib.request import url2pathname
 from webdataset.shardlists import expand_urls
 
 from raddino.errors import RaddinoError
-
-log = logging.getLogger(__name__)
 
 # Schemes webdataset's gopen opens as they are (http(s) with curl, gs with gsutil).
 _PASSTHROUGH_SCHEMES = ("http", "https", "gs")

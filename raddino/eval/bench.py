@@ -21,8 +21,6 @@ from raddino.eval.datasets import SPLITS, DatasetSpec, load_dataset
 from raddino.eval.features import compute_features
 from raddino.eval.linear import linear_probe
 
-log = logging.getLogger(__name__)
-
 DEFAULT_NPZ = Path("../shared/data/pneumoniamnist.npz")
 
 

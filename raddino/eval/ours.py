@@ -14,7 +14,6 @@ state-dict file; ``random_init`` keeps the seeded initialisation (the same archi
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -58,30 +57,6 @@ def _load_into(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
         log.warning("%s: %d entries not used by the backbone, e.g. %s", source, len(unexpected), unexpected[0])
 
 
-def _load_checkpoint(model: nn.Module, run_dir: Path) -> Path:
-    """Teacher backbone tensors of the newest complete checkpoint of ``run_dir``, loaded in place."""
-    import torch.distributed.checkpoint as dcp
-
-    from raddino.checkpoint import CheckpointManager
-
-    latest = CheckpointManager(run_dir / "checkpoints", keep_last=0).latest()
-    if latest is None:
-        raise RaddinoError(
-            f"ours:{run_dir}: no complete checkpoint in {run_dir / 'checkpoints'} and no *.safetensors export"
-        )
-    # Only the teacher backbone's tensors are requested; DCP leaves the rest of the checkpoint on disk.
-    wanted = {f"teacher.backbone.{k}": v for k, v in model.state_dict().items()}
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # single-process load
-            dcp.load({"model": wanted}, checkpoint_id=latest)
-    except Exception as err:  # DCP reports missing keys / shape mismatches with long nested errors
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RaddinoError(f"cannot read the teacher backbone from {latest}: {first}") from err
-    _load_into(model, wanted, str(latest))
-    return latest
-
-
 def build_ours(path: str, *, weights: Path | None, random_init: bool, img_size: int | None, seed: int) -> Backbone:
     from raddino.build import backbone_from_config
     from raddino.config import load_config
@@ -109,7 +84,11 @@ def build_ours(path: str, *, weights: Path | None, random_init: bool, img_size: 
     elif len(exports) > 1:
         raise RaddinoError(f"ours:{path}: several *.safetensors files; pass the one to use with --weights")
     else:
-        source = str(_load_checkpoint(model, directory))
+        from raddino.interop.runs import read_run_teacher  # the one reader of a run's checkpoints
+
+        run = read_run_teacher(directory)
+        _load_into(model, run.backbone, str(run.checkpoint))
+        source = str(run.checkpoint)
     model.eval()
     size = img_size or int(cfg.crops.global_size)
     if size % model.patch_size:

@@ -6,7 +6,6 @@ Unknown keys are errors that name the key, so a typo never silently falls back t
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,6 @@ from raddino.errors import RaddinoError
 from raddino.eval.backbones import FEATURE_PROTOCOLS, RESIZE_MODES, parse_spec
 from raddino.eval.datasets import DatasetSpec
 from raddino.eval.finetune import TrainSchedule
-
-log = logging.getLogger(__name__)
 
 # Evaluation protocols. "linear" is logistic regression (ridge for regression targets).
 PROTOCOLS = ("linear", "knn_cosine", "knn_euclidean", "finetune_frozen", "finetune_unfrozen")

@@ -10,7 +10,6 @@ names; only tensors are kept.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,8 +18,6 @@ import torch
 from torch import Tensor
 
 from raddino.errors import RaddinoError
-
-log = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIX = ".safetensors"
 

@@ -313,11 +313,10 @@ def init_meta_arch(
         fmt: source layout (``auto`` | ``dinov2`` | ``timm`` | ``hf`` | ``raddino``).
     """
     source = init_from if isinstance(init_from, Source) else read_source(init_from, fmt=fmt)
-    report = None
-    for tower in (model.student, model.teacher):
-        report = load_backbone(tower["backbone"], source, strict=strict)
-    assert report is not None
     backbone = model.student["backbone"]
+    report = load_backbone(backbone, source, strict=strict)  # reports (and warns about) unloaded keys once
+    with torch.no_grad():  # the teacher starts as the student, unloaded keys included
+        model.teacher["backbone"].load_state_dict(backbone.state_dict())
     if backbone.pos_embed_interp != source.info.pos_embed_interp:
         report.notes.append(
             f"the model interpolates position embeddings with '{backbone.pos_embed_interp}', the source with "

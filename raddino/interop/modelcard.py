@@ -8,13 +8,10 @@ of the shards, or the npz / synthetic source), last logged metrics, and evaluati
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

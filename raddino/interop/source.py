@@ -49,6 +49,8 @@ HF_MODEL_TYPES = {"dinov2": "hf", "dinov2_with_registers": "dinov2_reg"}
 RADDINO_FORMAT = "raddino"  # ``format`` entry of raddino export descriptors (config.json / safetensors metadata)
 _BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# names that are files, never hub ids (``bad/nonexistent.pth`` is a missing file, not a hub repository)
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".npz")
 
 
 @dataclass(frozen=True)
@@ -330,14 +332,13 @@ def _run_source(directory: Path, path: str) -> Source:
     from raddino.interop.runs import read_run_teacher
 
     run = read_run_teacher(directory)
-    model = run.config.model
-    rule = model.pos_embed_interp if model.pos_embed_interp != "auto" else "dinov2"
+    # the rule the run trained with (``auto`` resolved from its derived.json), not a guess from the config
     info = describe_state(
         run.backbone,
         path=path,
         fmt=RADDINO_FORMAT,
-        pos_embed_interp=rule,
-        num_heads=ARCHS[model.arch].num_heads,
+        pos_embed_interp=run.pos_embed_interp,
+        num_heads=ARCHS[run.config.model.arch].num_heads,
     )
     return Source(info=info, backbone=run.backbone, heads=run.heads)
 
@@ -418,6 +419,8 @@ def read_source(path: str | Path, *, fmt: str = "auto") -> Source:
     location = Path(text).expanduser()
     if not location.exists():
         hint = ""
+        if Path(text).suffix.lower() in _WEIGHT_SUFFIXES or text.startswith((".", "/", "~")):
+            raise RaddinoError(f"pretrained weights not found: no such file or directory: {text}")
         if _HUB_ID.match(text):
             hint = (
                 f" (hub ids are not downloaded; fetch it first, e.g. `huggingface-cli download {text} "

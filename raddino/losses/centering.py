@@ -10,14 +10,11 @@ ranks, so N rows split over R ranks give the same result as N rows on one proces
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-log = logging.getLogger(__name__)
 
 
 def _distributed() -> bool:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-log = logging.getLogger(__name__)
 
 
 def dino_loss(student_logits: Tensor, teacher_probs: Tensor, student_temp: float) -> Tensor:

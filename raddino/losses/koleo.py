@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-log = logging.getLogger(__name__)
 
 
 def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:

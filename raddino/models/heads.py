@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from raddino.errors import RaddinoError
-
-log = logging.getLogger(__name__)
 
 
 class DINOHead(nn.Module):
@@ -43,7 +38,7 @@ class DINOHead(nn.Module):
         """``generator``: initialisation RNG (``None``: torch's default generator)."""
         super().__init__()
         if nlayers < 1:
-            raise RaddinoError(f"DINOHead needs nlayers >= 1, got {nlayers}")
+            raise ValueError(f"DINOHead needs nlayers >= 1, got {nlayers}")
         for name, value in (
             ("in_dim", in_dim),
             ("out_dim", out_dim),
@@ -51,7 +46,7 @@ class DINOHead(nn.Module):
             ("bottleneck_dim", bottleneck_dim),
         ):
             if value < 1:
-                raise RaddinoError(f"DINOHead {name} must be >= 1, got {value}")
+                raise ValueError(f"DINOHead {name} must be >= 1, got {value}")
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.bottleneck_dim = bottleneck_dim

@@ -287,7 +287,7 @@ class VisionTransformer(nn.Module):
         tokens = self.patch_embed(x)  # (B, N, D), row-major over the grid
         if masks is not None:
             if masks.shape != tokens.shape[:2] or masks.dtype != torch.bool:
-                raise RaddinoError(
+                raise ValueError(
                     f"masks must be a bool tensor of shape {tuple(tokens.shape[:2])}, "
                     f"got {masks.dtype} {tuple(masks.shape)}"
                 )
@@ -314,7 +314,7 @@ class VisionTransformer(nn.Module):
         """Outputs of the last ``n`` blocks (earliest first), each through the final norm (DINOv2's ``norm=True``)."""
         depth = len(self.blocks)
         if not 1 <= n <= depth:
-            raise RaddinoError(f"n must be between 1 and the depth {depth}, got {n}")
+            raise ValueError(f"n must be between 1 and the depth {depth}, got {n}")
         tokens = self.prepare_tokens(x)
         outputs = []
         for i, block in enumerate(self.blocks):
