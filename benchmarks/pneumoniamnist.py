@@ -239,6 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     lines = [
+        "# PneumoniaMNIST: pretraining from scratch vs random init vs raw pixels (linear probe)",
+        "",
+        "Written by `python benchmarks/pneumoniamnist.py "
+        + " ".join(argv if argv is not None else sys.argv[1:])
+        + "` (pretraining with `raddino pretrain`, probes with `raddino eval`; see the script's docstring).",
+        "",
+        "Published references (not measured here): ResNet-18 (28 px) supervised 0.944, ResNet-50 (224 px) "
+        "supervised 0.962 (MedMNIST v2); DINO ViT-B/16 ImageNet, linear probe 0.973 (MedMNIST+).",
+        "",
         f"Measured {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {torch.get_num_threads()} threads; recipe "
         f"`{args.recipe}`" + (f" with `{' '.join(args.overrides)}`" if args.overrides else "") + ".",
         "",
