@@ -29,14 +29,13 @@ import logging
 import os
 import re
 import secrets
-import tarfile
 import time
 import types
 from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -44,15 +43,21 @@ from tqdm import tqdm
 
 from raddino.data.dicom import DicomReadOptions, read_dicom
 from raddino.data.imageio import HEADER_BYTES, SkipReason, UnusableImage, read_image, sniff_format
+from raddino.data.shard_format import (
+    MEMBER_EXTENSIONS,
+    IntensityMapping,
+    SampleRecord,
+    ShardInfo,
+    ShardWriter,
+    sample_members,
+)
 from raddino.errors import RaddinoError
+from raddino.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-SHARD_PATTERN = "shard-%06d.tar"
 MANIFEST_VERSION = 1
-# Tar header mtime of every member: 2000-01-01T00:00:00Z (fixed, so the bytes do not depend on when we ran).
-TAR_MTIME = 946_684_800
 KEY_HEX_CHARS = 32  # 128 bits of HMAC-SHA256
 KEYMAP_HEADER = "#raddino-keymap salt="
 SCALINGS = ("minmax", "percentile")
@@ -157,47 +162,6 @@ class InputSet:
     ignored_files: int = 0  # files in a directory tree that do not look like images (e.g. .txt, .csv)
 
 
-@dataclasses.dataclass(frozen=True)
-class IntensityMapping:
-    """Source values ``low`` -> 0 and ``high`` -> 2**bit_depth - 1 (linear, clipped outside)."""
-
-    scaling: str
-    low: float
-    high: float
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleRecord:
-    """The ``<key>.json`` member of a sample (schema documented in docs/DATA.md). Never holds a key or a path.
-
-    Attributes:
-        format: source format: ``"dicom"``, ``"png"`` or ``"jpeg"``.
-        original_size: (H, W) of the source image.
-        size: (H, W) of the stored PNG.
-        bit_depth: of the stored PNG (8 or 16).
-        intensity: how source values were mapped to stored ones.
-        voi: DICOM only: the VOI step applied (``"lut"``, ``"window"``, ``"none"``).
-        dicom: DICOM only: the allow-listed header fields.
-        source_bit_depth: PNG/JPEG only: 8, or 16 for 16-bit PNGs.
-        meta: carried CSV columns (strings), if any.
-    """
-
-    format: str
-    original_size: tuple[int, int]
-    size: tuple[int, int] = (0, 0)
-    bit_depth: int = 8
-    intensity: IntensityMapping | None = None
-    voi: str | None = None
-    dicom: dict[str, Any] | None = None
-    source_bit_depth: int | None = None
-    meta: dict[str, str] | None = None
-
-    def to_json(self) -> bytes:
-        """Compact ASCII JSON with sorted keys (deterministic bytes); ``None`` fields are left out."""
-        payload = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
-
-
 @dataclasses.dataclass
 class ProcessedSample:
     """A converted image: ``png`` bytes and its record."""
@@ -211,14 +175,6 @@ class _Outcome:
     sample: ProcessedSample | None
     reason: SkipReason | None = None
     detail: str = ""
-
-
-@dataclasses.dataclass
-class ShardInfo:
-    name: str
-    samples: int
-    bytes: int
-    sha256: str
 
 
 @dataclasses.dataclass
@@ -507,15 +463,6 @@ def default_key_map_path(out_dir: Path) -> Path:
     return out_dir.parent / f"{out_dir.name}.keymap.csv"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _key_map_bytes(salt: str, rows: list[tuple[str, str, str, str]]) -> bytes:
     buffer = io.StringIO(newline="")
     buffer.write(f"{KEYMAP_HEADER}{salt}\n")
@@ -523,94 +470,6 @@ def _key_map_bytes(salt: str, rows: list[tuple[str, str, str, str]]) -> bytes:
     writer.writerow(["source", "key", "shard", "status"])
     writer.writerows(rows)
     return buffer.getvalue().encode("utf-8", "surrogateescape")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tar writing
-
-
-class _HashingFile:
-    """Write-only file wrapper that hashes and counts what tarfile writes."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        self.handle, self.sha256, self.size = handle, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.handle.write(data)
-
-    def tell(self) -> int:
-        return self.size
-
-
-def _tar_entry_size(n_bytes: int) -> int:
-    return tarfile.BLOCKSIZE + -(-n_bytes // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-
-
-class _ShardWriter:
-    """Writes ``shard-%06d.tar`` files: each goes to a hidden temporary name and is renamed when complete."""
-
-    def __init__(self, out_dir: Path, *, max_count: int, max_bytes: int) -> None:
-        self.out_dir, self.max_count, self.max_bytes = out_dir, max_count, max_bytes
-        self.shards: list[ShardInfo] = []
-        self._tar: tarfile.TarFile | None = None
-        self._handle: BinaryIO | None = None
-        self._hashing: _HashingFile | None = None
-        self._count = 0
-        self._bytes = 0
-
-    @property
-    def current_name(self) -> str:
-        return SHARD_PATTERN % len(self.shards)
-
-    def _open(self) -> None:
-        self._handle = (self.out_dir / f".{self.current_name}.tmp").open("wb")
-        self._hashing = _HashingFile(self._handle)
-        self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[call-overload]
-        self._count, self._bytes = 0, 0
-
-    def _add_member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        assert self._tar is not None
-        self._tar.addfile(info, io.BytesIO(data))
-
-    def add(self, key: str, members: Sequence[tuple[str, bytes]]) -> str:
-        """Append one sample (``<key>.<ext>`` members); returns the shard file name it went into."""
-        size = sum(_tar_entry_size(len(data)) for _, data in members)
-        if self._tar is not None and (self._count >= self.max_count or self._bytes + size > self.max_bytes):
-            self.close()
-        if self._tar is None:
-            self._open()
-        for ext, data in members:
-            self._add_member(f"{key}.{ext}", data)
-        self._count += 1
-        self._bytes += size
-        return self.current_name
-
-    def close(self) -> None:
-        """Finish the open shard (if any) and move it to its final name."""
-        if self._tar is None:
-            return
-        assert self._handle is not None and self._hashing is not None
-        self._tar.close()
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
-        name = self.current_name
-        os.replace(self.out_dir / f".{name}.tmp", self.out_dir / name)
-        self.shards.append(ShardInfo(name, self._count, self._hashing.size, self._hashing.sha256.hexdigest()))
-        self._tar = self._handle = self._hashing = None
-
-    def abort(self) -> None:
-        """Drop the unfinished shard (on error / interrupt); completed shards stay."""
-        if self._handle is not None:
-            self._handle.close()
-            (self.out_dir / f".{self.current_name}.tmp").unlink(missing_ok=True)
-        self._tar = self._handle = self._hashing = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -627,7 +486,7 @@ def _check_out_dir(out_dir: Path, *, overwrite: bool) -> None:
 def _clean_out_dir(out_dir: Path) -> None:
     """Remove what an earlier run wrote, and only that: never wipe a directory given by mistake."""
     if out_dir.is_dir():
-        stale = [*out_dir.glob("shard-*.tar"), *out_dir.glob(".shard-*.tar.tmp"), *out_dir.glob(f"*{MANIFEST_NAME}*")]
+        stale = [*out_dir.glob("shard-*.tar"), *out_dir.glob(".shard-*.tar*.tmp"), *out_dir.glob(f"*{MANIFEST_NAME}*")]
         for path in stale:
             path.unlink()
         others = sorted(p.name for p in out_dir.iterdir())
@@ -715,7 +574,7 @@ def build_shards(
         duplicate.append(resolved in seen)
         seen.add(resolved)
 
-    writer = _ShardWriter(out_dir, max_count=max_count, max_bytes=max_bytes)
+    writer = ShardWriter(out_dir, max_count=max_count, max_bytes=max_bytes)
     skipped: Counter[str] = Counter()
     formats: Counter[str] = Counter()
     heights: list[int] = []
@@ -733,7 +592,7 @@ def build_shards(
             return
         sample = outcome.sample
         record = dataclasses.replace(sample.record, meta=dict(item.carried) if item.carried else None)
-        shard = writer.add(keys[index], [("png", sample.png), ("json", record.to_json())])
+        shard = writer.add(keys[index], sample_members(sample.png, record))
         formats[record.format] += 1
         heights.append(record.size[0])
         widths.append(record.size[1])
@@ -798,7 +657,7 @@ def build_shards(
             "scheme": f"hmac-sha256(salt, source)[:{KEY_HEX_CHARS} hex]",
             "salt_fingerprint": salt_fingerprint(chosen_salt),
         },
-        "members": ["png", "json"],
+        "members": list(MEMBER_EXTENSIONS),
         "counts": {
             "inputs": len(items),
             "written": written,
@@ -815,9 +674,9 @@ def build_shards(
         "shards": [dataclasses.asdict(shard) for shard in writer.shards],
     }
     manifest_path = out_dir / MANIFEST_NAME
-    _write_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode("utf-8"))
     key_map.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(key_map, _key_map_bytes(chosen_salt, rows))
+    atomic_write_bytes(key_map, _key_map_bytes(chosen_salt, rows))
     return ShardSummary(
         inputs=len(items),
         written=written,
