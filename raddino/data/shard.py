@@ -19,6 +19,7 @@ mtime/owner, so the same inputs, options, salt and library versions give byte-id
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -32,7 +33,7 @@ import secrets
 import time
 import types
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -521,6 +522,158 @@ def _software_versions() -> dict[str, str]:
     }
 
 
+@dataclasses.dataclass
+class _Tally:
+    """What the run did, in input order: counts for the manifest and the key-map rows (source, key, shard, status)."""
+
+    skipped: Counter[str] = dataclasses.field(default_factory=Counter)
+    formats: Counter[str] = dataclasses.field(default_factory=Counter)
+    heights: list[int] = dataclasses.field(default_factory=list)
+    widths: list[int] = dataclasses.field(default_factory=list)
+    rows: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
+
+    def skip(self, item: SourceItem, key: str, outcome: _Outcome) -> None:
+        assert outcome.reason is not None
+        self.skipped[outcome.reason.value] += 1
+        level = logging.WARNING if outcome.reason in _DAMAGE_REASONS else logging.DEBUG
+        log.log(level, "skipped %s (%s: %s)", item.source, outcome.reason.value, outcome.detail)
+        self.rows.append((item.source, key, "", f"skipped:{outcome.reason.value}"))
+
+    def written(self, item: SourceItem, key: str, record: SampleRecord, shard: str) -> None:
+        self.formats[record.format] += 1
+        self.heights.append(record.size[0])
+        self.widths.append(record.size[1])
+        self.rows.append((item.source, key, shard, "written"))
+
+
+def _duplicates(items: Sequence[SourceItem]) -> list[bool]:
+    """Per item: the same file came earlier in the list (also via another spelling of its path)."""
+    seen: set[Path] = set()
+    duplicate = []
+    for item in items:
+        resolved = item.path.resolve()
+        duplicate.append(resolved in seen)
+        seen.add(resolved)
+    return duplicate
+
+
+def _converted(
+    items: Sequence[SourceItem], *, options: PreprocessOptions, workers: int, progress: bool | None
+) -> Iterator[tuple[int, _Outcome]]:
+    """``(index, outcome)`` of every item, in input order; converted in ``workers`` processes (1: this process).
+    Duplicates are not converted. Close the generator to stop the workers early."""
+    duplicate = _duplicates(items)
+    bar = None
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        pending: deque[tuple[int, concurrent.futures.Future[_Outcome] | _Outcome]] = deque()
+        window = workers * 4  # results are consumed in input order; this bounds how many wait in memory
+        next_index = 0
+
+        def submit_until_full() -> None:
+            nonlocal next_index
+            while next_index < len(items) and len(pending) < window:
+                i = next_index
+                next_index += 1
+                if duplicate[i]:
+                    pending.append((i, _Outcome(None, SkipReason.DUPLICATE, "listed more than once")))
+                elif pool is None:
+                    pending.append((i, _process_outcome(items[i].path, options)))
+                else:
+                    pending.append((i, pool.submit(_process_outcome, items[i].path, options)))
+
+        submit_until_full()  # starts the worker processes before tqdm starts its monitor thread
+        bar = tqdm(total=len(items), unit="img", desc="shard", disable=None if progress is None else not progress)
+        while pending:
+            index, result = pending.popleft()
+            yield index, result.result() if isinstance(result, concurrent.futures.Future) else result
+            bar.update(1)
+            submit_until_full()
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_samples(
+    items: Sequence[SourceItem],
+    keys: Sequence[str],
+    *,
+    writer: ShardWriter,
+    options: PreprocessOptions,
+    workers: int,
+    progress: bool | None,
+) -> _Tally:
+    """Convert every item and append the usable ones to ``writer`` in input order; on any error the unfinished shard
+    is dropped (complete shards stay)."""
+    tally = _Tally()
+    try:
+        with contextlib.closing(_converted(items, options=options, workers=workers, progress=progress)) as outcomes:
+            for index, outcome in outcomes:
+                item, key = items[index], keys[index]
+                if outcome.sample is None:
+                    tally.skip(item, key, outcome)
+                    continue
+                record = dataclasses.replace(outcome.sample.record, meta=dict(item.carried) if item.carried else None)
+                tally.written(item, key, record, writer.add(key, sample_members(outcome.sample.png, record)))
+        writer.close()
+    except BrokenProcessPool:
+        writer.abort()
+        raise RaddinoError(
+            f"a worker process died (out of memory? try fewer than {workers} --workers); complete shards were kept"
+        ) from None
+    except BaseException:
+        writer.abort()
+        raise
+    return tally
+
+
+def _manifest(
+    inputs: InputSet,
+    *,
+    options: PreprocessOptions,
+    salt: str,
+    max_count: int,
+    max_bytes: int,
+    tally: _Tally,
+    shards: Sequence[ShardInfo],
+) -> dict[str, Any]:
+    """``manifest.json`` (schema in docs/DATA.md): options, counts, shard hashes; no paths, no salt."""
+    items = inputs.items
+    return {
+        "format": "raddino-webdataset-shards",
+        "version": MANIFEST_VERSION,
+        "software": _software_versions(),
+        "input_kind": inputs.kind,
+        "options": {
+            "preprocess": options.as_dict(),
+            "max_count": max_count,
+            "max_bytes": max_bytes,
+            "carried_columns": sorted({c for item in items for c in item.carried}),
+        },
+        "keys": {
+            "scheme": f"hmac-sha256(salt, source)[:{KEY_HEX_CHARS} hex]",
+            "salt_fingerprint": salt_fingerprint(salt),
+        },
+        "members": list(MEMBER_EXTENSIONS),
+        "counts": {
+            "inputs": len(items),
+            "written": len(items) - sum(tally.skipped.values()),
+            "skipped": sum(tally.skipped.values()),
+            "skipped_by_reason": dict(sorted(tally.skipped.items())),
+            "written_by_format": dict(sorted(tally.formats.items())),
+            "ignored_files": inputs.ignored_files,
+        },
+        "image_size": {
+            "height": [min(tally.heights), max(tally.heights)] if tally.heights else None,
+            "width": [min(tally.widths), max(tally.widths)] if tally.widths else None,
+        },
+        "total_bytes": sum(shard.bytes for shard in shards),
+        "shards": [dataclasses.asdict(shard) for shard in shards],
+    }
+
+
 def build_shards(
     inputs: InputSet,
     *,
@@ -566,121 +719,27 @@ def build_shards(
     started = time.perf_counter()
     items = inputs.items
     keys = [make_key(item.source, chosen_salt) for item in items]
-    # The same file listed twice (also via different spellings of its path) is processed once.
-    seen: set[Path] = set()
-    duplicate = []
-    for item in items:
-        resolved = item.path.resolve()
-        duplicate.append(resolved in seen)
-        seen.add(resolved)
-
     writer = ShardWriter(out_dir, max_count=max_count, max_bytes=max_bytes)
-    skipped: Counter[str] = Counter()
-    formats: Counter[str] = Counter()
-    heights: list[int] = []
-    widths: list[int] = []
-    rows: list[tuple[str, str, str, str]] = []
-
-    def handle(index: int, outcome: _Outcome) -> None:
-        item = items[index]
-        if outcome.sample is None:
-            assert outcome.reason is not None
-            skipped[outcome.reason.value] += 1
-            level = logging.WARNING if outcome.reason in _DAMAGE_REASONS else logging.DEBUG
-            log.log(level, "skipped %s (%s: %s)", item.source, outcome.reason.value, outcome.detail)
-            rows.append((item.source, keys[index], "", f"skipped:{outcome.reason.value}"))
-            return
-        sample = outcome.sample
-        record = dataclasses.replace(sample.record, meta=dict(item.carried) if item.carried else None)
-        shard = writer.add(keys[index], sample_members(sample.png, record))
-        formats[record.format] += 1
-        heights.append(record.size[0])
-        widths.append(record.size[1])
-        rows.append((item.source, keys[index], shard, "written"))
-
-    bar = None
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
-    try:
-        pending: deque[tuple[int, concurrent.futures.Future[_Outcome] | _Outcome]] = deque()
-        window = workers * 4  # results are consumed in input order; this bounds how many wait in memory
-        next_index = 0
-
-        def submit_until_full() -> None:
-            nonlocal next_index
-            while next_index < len(items) and len(pending) < window:
-                i = next_index
-                next_index += 1
-                if duplicate[i]:
-                    pending.append((i, _Outcome(None, SkipReason.DUPLICATE, "listed more than once")))
-                elif pool is None:
-                    pending.append((i, _process_outcome(items[i].path, options)))
-                else:
-                    pending.append((i, pool.submit(_process_outcome, items[i].path, options)))
-
-        submit_until_full()  # starts the worker processes before tqdm starts its monitor thread
-        bar = tqdm(total=len(items), unit="img", desc="shard", disable=None if progress is None else not progress)
-        while pending:
-            index, result = pending.popleft()
-            outcome = result.result() if isinstance(result, concurrent.futures.Future) else result
-            handle(index, outcome)
-            bar.update(1)
-            submit_until_full()
-        writer.close()
-    except BrokenProcessPool:
-        writer.abort()
-        raise RaddinoError(
-            f"a worker process died (out of memory? try fewer than {workers} --workers); complete shards were kept"
-        ) from None
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-
+    tally = _write_samples(items, keys, writer=writer, options=options, workers=workers, progress=progress)
     seconds = time.perf_counter() - started
-    written = len(items) - sum(skipped.values())
-    manifest = {
-        "format": "raddino-webdataset-shards",
-        "version": MANIFEST_VERSION,
-        "software": _software_versions(),
-        "input_kind": inputs.kind,
-        "options": {
-            "preprocess": options.as_dict(),
-            "max_count": max_count,
-            "max_bytes": max_bytes,
-            "carried_columns": sorted({c for item in items for c in item.carried}),
-        },
-        "keys": {
-            "scheme": f"hmac-sha256(salt, source)[:{KEY_HEX_CHARS} hex]",
-            "salt_fingerprint": salt_fingerprint(chosen_salt),
-        },
-        "members": list(MEMBER_EXTENSIONS),
-        "counts": {
-            "inputs": len(items),
-            "written": written,
-            "skipped": sum(skipped.values()),
-            "skipped_by_reason": dict(sorted(skipped.items())),
-            "written_by_format": dict(sorted(formats.items())),
-            "ignored_files": inputs.ignored_files,
-        },
-        "image_size": {
-            "height": [min(heights), max(heights)] if heights else None,
-            "width": [min(widths), max(widths)] if widths else None,
-        },
-        "total_bytes": sum(shard.bytes for shard in writer.shards),
-        "shards": [dataclasses.asdict(shard) for shard in writer.shards],
-    }
+
+    manifest = _manifest(
+        inputs,
+        options=options,
+        salt=chosen_salt,
+        max_count=max_count,
+        max_bytes=max_bytes,
+        tally=tally,
+        shards=writer.shards,
+    )
     manifest_path = out_dir / MANIFEST_NAME
     atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode("utf-8"))
     key_map.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(key_map, _key_map_bytes(chosen_salt, rows))
+    atomic_write_bytes(key_map, _key_map_bytes(chosen_salt, tally.rows))
     return ShardSummary(
         inputs=len(items),
-        written=written,
-        skipped=dict(sorted(skipped.items())),
+        written=manifest["counts"]["written"],
+        skipped=dict(sorted(tally.skipped.items())),
         shards=writer.shards,
         seconds=seconds,
         manifest_path=manifest_path,
