@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from raddino.commands.bench import _write_synthetic_shards
-from raddino.data.imageio import decode_image
+from raddino.data.imageio import UnusableImage, decode_image
 from raddino.data.shard import PreprocessOptions, build_shards, collect_inputs
 from raddino.data.shard_format import (
     IMAGE_EXT,
@@ -98,3 +99,29 @@ def test_atomic_writes_replace_whole_files_or_nothing(tmp_path: Path) -> None:
         tmp.write_bytes(b"half")
         raise RuntimeError("interrupted")
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"] and target.read_bytes() == b"two\n"
+
+
+def _encoded(image: Image.Image, fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def test_one_decoder_for_training_and_evaluation(tmp_path: Path) -> None:
+    rgb = np.zeros((6, 10, 3), dtype=np.uint8)
+    rgb[..., 0] = 200  # pure red: luma 0.299 * 200
+    bmp = _encoded(Image.fromarray(rgb), "BMP")
+    with pytest.raises(UnusableImage, match="unsupported_format"):
+        decode_image(bmp)  # training accepts PNG / JPEG only
+    assert np.array_equal(decode_image(bmp, colour=True, formats=None), rgb)  # evaluation keeps colour
+    assert np.array_equal(decode_image(bmp, formats=None), np.full((6, 10), 60, dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    jpeg = _encoded(Image.fromarray(np.full((6, 10), 128, dtype=np.uint8)), "JPEG", exif=exif)
+    assert decode_image(jpeg).shape == (10, 6) and decode_image(jpeg, orient=False).shape == (6, 10)
+    with pytest.raises(UnusableImage, match="missing"):
+        decode_image(tmp_path / "absent.png")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    (tmp_path / "cut.png").write_bytes(_encoded(Image.fromarray(noise), "PNG")[:200])
+    with pytest.raises(UnusableImage, match="truncated"):
+        decode_image(tmp_path / "cut.png")
