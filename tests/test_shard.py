@@ -19,18 +19,10 @@ from PIL import Image
 
 from raddino.cli import main as cli_main
 from raddino.data.imageio import read_image
-from raddino.data.shard import (
-    InputSet,
-    PreprocessOptions,
-    SourceItem,
-    build_shards,
-    collect_inputs,
-    identifying_columns,
-    make_key,
-    read_key_map_salt,
-    resized_shape,
-)
+from raddino.data.preprocess import PreprocessOptions, resized_shape
+from raddino.data.shard import build_shards, make_key, read_key_map_salt
 from raddino.data.shard_format import TAR_MTIME, ShardWriter
+from raddino.data.shard_inputs import InputSet, SourceItem, collect_inputs, identifying_columns
 from raddino.errors import RaddinoError
 
 KEY = re.compile(r"^[0-9a-f]{32}$")

@@ -15,7 +15,8 @@ from webdataset.tariterators import base_plus_ext
 
 from raddino.commands.bench import _write_synthetic_shards
 from raddino.data.imageio import UnusableImage, decode_image
-from raddino.data.shard import PreprocessOptions, build_shards, collect_inputs
+from raddino.data.preprocess import PreprocessOptions
+from raddino.data.shard import build_shards
 from raddino.data.shard_format import (
     IMAGE_EXT,
     METADATA_EXT,
@@ -23,6 +24,7 @@ from raddino.data.shard_format import (
     read_shard,
     split_member_name,
 )
+from raddino.data.shard_inputs import collect_inputs
 from raddino.io import atomic_path, atomic_write_bytes, atomic_write_text
 
 

@@ -237,7 +237,7 @@ def _write_synthetic_shards(out_dir: Path, *, images: int, size: int, bit_depth:
     """``out_dir/shard-NNNNNN.tar`` in the builder's format (:mod:`raddino.data.shard_format`) -> brace pattern."""
     from tqdm import tqdm
 
-    from raddino.data.shard import encode_png
+    from raddino.data.preprocess import encode_png
     from raddino.data.shard_format import SampleRecord, ShardWriter, sample_members
 
     out_dir.mkdir(parents=True, exist_ok=True)
