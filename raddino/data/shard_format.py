@@ -10,11 +10,13 @@ Writing is deterministic: every member header carries mtime :data:`TAR_MTIME`, u
 and mode 0644, so the same samples give byte-identical shards. Each shard is written under a hidden temporary name
 and renamed when complete (:class:`raddino.io.PendingFile`), so a ``shard-*.tar`` on disk is always whole.
 
-Why not ``webdataset.TarWriter`` (webdataset 0.2/1.0, ``webdataset/writer.py``): it writes a sample's members in
-sorted extension order (``json`` before ``png``, so every existing shard's bytes and manifest hashes would change),
-it ignores its own ``format`` argument (``tarfile.open`` gets no ``format=``, so the archive is PAX, not USTAR), it
-does not set uid/gid, and its mtime defaults to the current time. It can be pinned to be reproducible, but not to
-these bytes; the writer here is ~60 lines of ``tarfile`` and also hashes the bytes as it writes them (manifest).
+Why not ``webdataset.TarWriter`` (webdataset 1.0.2, ``webdataset/writer.py``): it can be made reproducible
+(``mtime=TAR_MTIME, user="", group="", mode=0o644, encoder=False``; uid/gid stay tarfile's 0; its ``format``
+argument is not passed to ``tarfile.open``, so it writes PAX, which for short ASCII names gives the same header
+bytes as USTAR) -- checked: for a sample written ``json`` first, its bytes equal this writer's. But it always writes
+a sample's members in sorted extension order (``json`` before ``png``), while the builder writes ``png`` first, so
+switching would change the bytes and manifest hashes of every shard. The writer here is a few lines of ``tarfile``
+and hashes the bytes as it writes them (manifest).
 
 Reading: the training stream reads shards (also remote, ``pipe:`` / ``http``) with webdataset's own tar reader and
 picks the image member with :func:`image_extension`; local readers that need random access to members (the
