@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from raddino.io import atomic_write_text
 from raddino.monitors import CollapseMonitor
 from raddino.tensorboard_log import ScalarLog
 
@@ -44,9 +44,7 @@ def trim_metrics(path: Path, *, last_step: int) -> int:
         else:
             kept.append(line)
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
         log.info("metrics.jsonl: dropped %d rows logged after step %d by an interrupted attempt", dropped, last_step)
     return dropped
 

@@ -22,7 +22,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from raddino.data.dicom import DicomReadOptions, allowed_fields, read_dicom
 from raddino.data.imageio import SkipReason, UnusableImage
-from raddino.data.shard import InputSet, PreprocessOptions, SourceItem, build_shards
+from raddino.data.preprocess import PreprocessOptions
+from raddino.data.shard import build_shards
+from raddino.data.shard_inputs import InputSet, SourceItem
 
 ANY_MODALITY = DicomReadOptions(modalities=None)
 DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
@@ -194,7 +196,9 @@ def test_missing_decoders_skip_and_count(tmp_path: Path) -> None:
         for name in ("pylibjpeg", "libjpeg", "openjpeg", "rle"):
             sys.modules[name] = None  # makes "import name" fail, as if the optional extra were not installed
         from raddino.data.dicom import DicomReadOptions
-        from raddino.data.shard import InputSet, PreprocessOptions, SourceItem, build_shards
+        from raddino.data.preprocess import PreprocessOptions
+        from raddino.data.shard import build_shards
+        from raddino.data.shard_inputs import InputSet, SourceItem
         files = {[str(f) for f in files]!r}
         inputs = InputSet([SourceItem(Path(f).name, Path(f)) for f in files], kind="list")
         summary = build_shards(inputs, out_dir=Path({str(tmp_path / "out")!r}), salt="saltsalt", progress=False,
@@ -400,7 +404,7 @@ def test_builder_on_a_dicom_tree_counts_every_reason(tmp_path: Path) -> None:
     write_dicom(src / "burned.dcm", ramp_12bit(), extra={"BurnedInAnnotation": "YES"})
     write_dicom(src / "dx.dcm", ramp_12bit(), window=(2000.0, 3000.0))
     (src / "notes.txt").write_text("ignored: not an image by name")
-    from raddino.data.shard import collect_inputs
+    from raddino.data.shard_inputs import collect_inputs
 
     inputs = collect_inputs(tmp_path / "export")
     assert inputs.ignored_files == 1 and len(inputs.items) == 11

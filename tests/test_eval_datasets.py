@@ -251,7 +251,9 @@ def test_random_splits_partition_and_groups():
 
 
 def test_reads_shards_written_by_the_shard_builder(tmp_path: Path):
-    from raddino.data.shard import PreprocessOptions, build_shards, collect_inputs
+    from raddino.data.preprocess import PreprocessOptions
+    from raddino.data.shard import build_shards
+    from raddino.data.shard_inputs import collect_inputs
 
     rows = ["path,label,split"]
     for i in range(12):

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 from collections import defaultdict
@@ -18,19 +19,10 @@ from PIL import Image
 
 from raddino.cli import main as cli_main
 from raddino.data.imageio import read_image
-from raddino.data.shard import (
-    TAR_MTIME,
-    InputSet,
-    PreprocessOptions,
-    SourceItem,
-    _ShardWriter,
-    build_shards,
-    collect_inputs,
-    identifying_columns,
-    make_key,
-    read_key_map_salt,
-    resized_shape,
-)
+from raddino.data.preprocess import PreprocessOptions, resized_shape
+from raddino.data.shard import build_shards, make_key, read_key_map_salt
+from raddino.data.shard_format import TAR_MTIME, ShardWriter
+from raddino.data.shard_inputs import InputSet, SourceItem, collect_inputs, identifying_columns
 from raddino.errors import RaddinoError
 
 KEY = re.compile(r"^[0-9a-f]{32}$")
@@ -252,6 +244,7 @@ def test_16bit_png_round_trip_keeps_depth(tmp_path: Path) -> None:
 
 def test_shard_rolling_manifest_hashes_and_webdataset_reader(tmp_path: Path) -> None:
     import webdataset
+
     rng = np.random.default_rng(0)
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
@@ -313,12 +306,12 @@ def test_keys_shapes_and_column_guard() -> None:
 
 
 def test_shards_appear_only_when_complete(tmp_path: Path) -> None:
-    writer = _ShardWriter(tmp_path, max_count=2, max_bytes=10**9)
+    writer = ShardWriter(tmp_path, max_count=2, max_bytes=10**9)
     writer.add("k1", [("png", b"x" * 10), ("json", b"{}")])
-    assert [p.name for p in tmp_path.iterdir()] == [".shard-000000.tar.tmp"]  # not visible as a shard yet
+    assert [p.name for p in tmp_path.iterdir()] == [f".shard-000000.tar.{os.getpid()}.tmp"]  # not a shard yet
     writer.add("k2", [("png", b"y"), ("json", b"{}")])
     writer.add("k3", [("png", b"z"), ("json", b"{}")])  # max_count reached: shard 0 is finished first
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".shard-000001.tar.tmp", "shard-000000.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".shard-000001.tar.{os.getpid()}.tmp", "shard-000000.tar"]
     writer.abort()  # an interrupted run drops the unfinished shard and keeps the complete one
     assert [p.name for p in tmp_path.iterdir()] == ["shard-000000.tar"]
     with tarfile.open(tmp_path / "shard-000000.tar") as tar:

@@ -19,12 +19,11 @@ from raddino.build import source_from_config
 from raddino.cli import main
 from raddino.data.augment import MultiCropAugmentation
 from raddino.data.dataset import make_ssl_sample, sample_generator
-from raddino.data.imageio import UnusableImage
+from raddino.data.imageio import UnusableImage, decode_image
 from raddino.data.stream import (
     ShardSet,
     ShardStream,
     build_stream_loader,
-    decode_image,
     resolve_rank,
     shard_sets,
 )

@@ -11,10 +11,7 @@ bottleneck is visible.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,7 +29,6 @@ Numbers depend on what else runs on the machine: compare runs made side by side.
 """
 
 _SHARD_SAMPLES = 16  # samples per temporary shard
-_TAR_MTIME = 946_684_800  # the shard builder's fixed member mtime
 
 
 def _int_list(text: str) -> list[int]:
@@ -238,26 +234,27 @@ def _synthetic_image(index: int, *, seed: int, size: int, bit_depth: int) -> np.
 
 
 def _write_synthetic_shards(out_dir: Path, *, images: int, size: int, bit_depth: int, seed: int) -> str:
-    """``out_dir/shard-NNNNNN.tar`` in the shard builder's layout (``<key>.png`` + ``<key>.json``) -> brace pattern."""
+    """``out_dir/shard-NNNNNN.tar`` in the builder's format (:mod:`raddino.data.shard_format`) -> brace pattern."""
     from tqdm import tqdm
 
-    from raddino.data.shard import encode_png
+    from raddino.data.preprocess import encode_png
+    from raddino.data.shard_format import SampleRecord, ShardWriter, sample_members
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_shards = -(-images // _SHARD_SAMPLES)
-    with tqdm(total=images, desc=f"{bit_depth}-bit {size} px shards", disable=None, leave=False) as bar:
-        for s in range(n_shards):
-            with tarfile.open(out_dir / f"shard-{s:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
-                for index in range(s * _SHARD_SAMPLES, min(images, (s + 1) * _SHARD_SAMPLES)):
-                    pixels = _synthetic_image(index, seed=seed, size=size, bit_depth=bit_depth)
-                    record = {"bit_depth": bit_depth, "format": "png", "size": list(pixels.shape)}
-                    members = (("png", encode_png(pixels, compress_level=1)), ("json", json.dumps(record).encode()))
-                    for ext, data in members:
-                        info = tarfile.TarInfo(f"{index:032x}.{ext}")
-                        info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
-                        tar.addfile(info, io.BytesIO(data))
-                    bar.update(1)
-    return str(out_dir / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
+    writer = ShardWriter(out_dir, max_count=_SHARD_SAMPLES, max_bytes=2**62)  # shards split by count only
+    try:
+        with tqdm(total=images, desc=f"{bit_depth}-bit {size} px shards", disable=None, leave=False) as bar:
+            for index in range(images):
+                pixels = _synthetic_image(index, seed=seed, size=size, bit_depth=bit_depth)
+                shape = (int(pixels.shape[0]), int(pixels.shape[1]))
+                record = SampleRecord("png", shape, size=shape, bit_depth=bit_depth)
+                writer.add(f"{index:032x}", sample_members(encode_png(pixels, compress_level=1), record))
+                bar.update(1)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return str(out_dir / f"shard-{{000000..{len(writer.shards) - 1:06d}}}.tar")
 
 
 def _stream(args: argparse.Namespace, patterns: list[str], num_batches: int):
@@ -305,7 +302,7 @@ def _time_loader(args: argparse.Namespace, patterns: list[str], workers: int, la
 def _time_stages(args: argparse.Namespace, patterns: list[str]) -> tuple[float, float]:
     """Images/s in this process of decoding alone, and of crops + masks alone (on already decoded images)."""
     from raddino.data.dataset import make_ssl_sample, sample_generator
-    from raddino.data.stream import decode_image
+    from raddino.data.imageio import decode_image
 
     stream = _stream(args, patterns, 1)
     worker = stream.worker_stream()

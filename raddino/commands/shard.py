@@ -148,7 +148,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from raddino.data.dicom import DicomReadOptions
-    from raddino.data.shard import PreprocessOptions, build_shards, collect_inputs
+    from raddino.data.preprocess import PreprocessOptions
+    from raddino.data.shard import build_shards
+    from raddino.data.shard_inputs import collect_inputs
     from raddino.errors import RaddinoError
 
     modalities = (

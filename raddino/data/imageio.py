@@ -1,8 +1,9 @@
 """Reading PNG/JPEG files into single-channel arrays, and the reasons a file cannot become a training image.
 
-:func:`read_image` gives ``(H, W)`` ``uint8``, or ``uint16`` for 16-bit PNGs (they keep their depth; they are never
-passed through ``convert("L")``, which clips them to 8 bits). Colour is reduced to gray with ITU-R BT.601 luma and
-alpha is composited onto black (radiograph background is dark). The file format is decided by the file's first
+:func:`read_image` (files, for the shard builder) and :func:`decode_image` (shard members, evaluation images) give
+``(H, W)`` ``uint8``, or ``uint16`` for 16-bit PNGs (they keep their depth; they are never passed through
+``convert("L")``, which clips them to 8 bits). Colour is reduced to gray with ITU-R BT.601 luma and alpha is
+composited onto black (radiograph background is dark). The file format is decided by the file's first
 bytes, not its name (:func:`sniff_format`).
 
 :class:`UnusableImage` carries a :class:`SkipReason`; the shard builder counts skipped files per reason.
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import io
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,9 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _DICOM_MAGIC_OFFSET = 128
 _EXIF_ORIENTATION = 0x0112
 HEADER_BYTES = 132  # enough for every magic number sniffed here (DICOM's "DICM" sits at bytes 128-131)
+TRAINING_FORMATS = ("PNG", "JPEG", "MPO")  # PIL formats a training image may have (MPO: multi-picture JPEG)
+# PIL modes that hold colour; decode_image(colour=True) keeps them as RGB.
+COLOUR_MODES = ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
 
 
 class SkipReason(str, enum.Enum):
@@ -179,5 +185,50 @@ def read_image(path: str | Path, *, multi_frame: str = "skip", min_side: int | N
         message = str(err)
         reason = SkipReason.TRUNCATED if "truncated" in message else SkipReason.UNDECODABLE
         raise UnusableImage(reason, message) from None
+    except (ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        raise UnusableImage(SkipReason.UNDECODABLE, f"{type(err).__name__}: {err}") from None
+
+
+def decode_image(
+    data: bytes | Path, *, colour: bool = False, formats: Collection[str] | None = TRAINING_FORMATS, orient: bool = True
+) -> np.ndarray:
+    """Decode image bytes (a shard member) or an image file into an array.
+
+    Args:
+        data: the encoded image, or the path of an image file.
+        colour: keep colour images as (H, W, 3) RGB uint8 (alpha dropped) instead of reducing them to gray.
+        formats: PIL formats accepted (default: PNG / JPEG / MPO); ``None`` accepts any format PIL reads (BMP, TIFF).
+        orient: apply the EXIF orientation of non-PNG images (the shard builder's PNGs carry none).
+
+    Returns:
+        (H, W) uint8, or uint16 for 16-bit gray PNGs (never reduced to 8 bits; colour becomes BT.601 luma and alpha
+        is composited onto black, see :func:`pil_to_gray`); with ``colour`` a colour image gives (H, W, 3) uint8.
+
+    Raises:
+        UnusableImage: ``missing``, ``unreadable``, ``unsupported_format``, ``truncated``, ``undecodable`` or
+            ``photometric``.
+    """
+    try:
+        with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as image, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if formats is not None and image.format not in formats:
+                raise UnusableImage(SkipReason.UNSUPPORTED_FORMAT, f"{image.format} image")
+            image.load()
+            if orient and image.format != "PNG":
+                image = ImageOps.exif_transpose(image)
+            if colour and image.mode in COLOUR_MODES:
+                return np.asarray(image.convert("RGB"))
+            return pil_to_gray(image)
+    except UnusableImage:
+        raise
+    except UnidentifiedImageError as err:
+        raise UnusableImage(SkipReason.UNDECODABLE, str(err)) from None
+    except FileNotFoundError:
+        raise UnusableImage(SkipReason.MISSING, "file not found") from None
+    except (PermissionError, IsADirectoryError) as err:
+        raise UnusableImage(SkipReason.UNREADABLE, f"{type(err).__name__}: {err}") from None
+    except OSError as err:  # PIL: "image file is truncated", "broken data stream", ...
+        reason = SkipReason.TRUNCATED if "truncated" in str(err) else SkipReason.UNDECODABLE
+        raise UnusableImage(reason, str(err)) from None
     except (ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
         raise UnusableImage(SkipReason.UNDECODABLE, f"{type(err).__name__}: {err}") from None

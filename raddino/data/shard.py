@@ -4,13 +4,13 @@ One sample = two tar members with the same key: ``<key>.png`` (8- or 16-bit gray
 ``size``) and ``<key>.json`` (preprocessing record, allow-listed DICOM fields, carried CSV columns). Keys are salted
 HMAC-SHA256 hashes of the source path (hex, so dot-free: webdataset splits keys at the first dot). The link
 source -> key lives only in a separate key-map CSV that the user keeps; shards and ``manifest.json`` never contain
-source paths, names, IDs, dates or UIDs. The format is documented in ``docs/DATA.md``.
+source paths, names, IDs, dates or UIDs. The format is documented in ``docs/DATA.md`` and owned by
+:mod:`raddino.data.shard_format`.
 
-Pipeline per file (in worker processes): sniff the format from the first bytes -> decode to a single-channel float
-image (PNG/JPEG: :func:`raddino.data.imageio.read_image`; DICOM: :func:`raddino.data.dicom.read_dicom`) -> resize
-(antialiased) so the shorter side is ``size`` -> scale intensities to the full 8- or 16-bit range (per-image
-min-max or percentiles) -> encode PNG. Files that cannot be used are skipped and counted by
-:class:`~raddino.data.imageio.SkipReason`.
+The pipeline (:func:`build_shards`): inputs (:mod:`raddino.data.shard_inputs`, sorted) -> salted keys (here) ->
+per-file conversion in worker processes (:mod:`raddino.data.preprocess`) -> shards written in input order
+(:class:`raddino.data.shard_format.ShardWriter`) -> manifest and key map. Files that cannot be used are skipped and
+counted by :class:`~raddino.data.imageio.SkipReason`.
 
 Determinism: inputs are sorted, processed in parallel but written in input order, and tar headers carry a fixed
 mtime/owner, so the same inputs, options, salt and library versions give byte-identical shards.
@@ -19,6 +19,7 @@ mtime/owner, so the same inputs, options, salt and library versions give byte-id
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -26,47 +27,36 @@ import hmac
 import io
 import json
 import logging
-import os
-import re
 import secrets
-import tarfile
 import time
-import types
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from raddino.data.dicom import DicomReadOptions, read_dicom
-from raddino.data.imageio import HEADER_BYTES, SkipReason, UnusableImage, read_image, sniff_format
+from raddino.data.imageio import SkipReason
+from raddino.data.preprocess import Outcome, PreprocessOptions, process_outcome
+from raddino.data.shard_format import (
+    MEMBER_EXTENSIONS,
+    SampleRecord,
+    ShardInfo,
+    ShardWriter,
+    sample_members,
+)
+from raddino.data.shard_inputs import InputSet, SourceItem
 from raddino.errors import RaddinoError
+from raddino.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-SHARD_PATTERN = "shard-%06d.tar"
 MANIFEST_VERSION = 1
-# Tar header mtime of every member: 2000-01-01T00:00:00Z (fixed, so the bytes do not depend on when we ran).
-TAR_MTIME = 946_684_800
 KEY_HEX_CHARS = 32  # 128 bits of HMAC-SHA256
 KEYMAP_HEADER = "#raddino-keymap salt="
-SCALINGS = ("minmax", "percentile")
-RESAMPLERS = types.MappingProxyType(
-    {
-        "bilinear": Image.Resampling.BILINEAR,
-        "bicubic": Image.Resampling.BICUBIC,
-        "lanczos": Image.Resampling.LANCZOS,
-        "box": Image.Resampling.BOX,
-    }
-)
-# File names picked up when walking a directory: image extensions, plus names without an extension or with a
-# numeric one, which is how PACS exports name DICOM files (IM0001, 1.2.840.113619.2.55.3.1234).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic")
 # Reasons that indicate a damaged or unreadable file (logged as warnings); the others are policy decisions.
 _DAMAGE_REASONS = frozenset(
     {
@@ -79,146 +69,6 @@ _DAMAGE_REASONS = frozenset(
         SkipReason.ERROR,
     }
 )
-# CSV column-name tokens that suggest identifying data (names, IDs, dates, addresses, paths); carrying such a
-# column needs allow_identifying_columns=True. A guard against mistakes, not a PHI detector.
-_IDENTIFYING_TOKENS = frozenset(
-    "id ids uid uuid name names firstname lastname surname patientname patientid studyid seriesid mrn accession "
-    "date dates datetime birth birthdate dob address street city zip zipcode postcode phone telephone email ssn "
-    "filename file path filepath url uri".split()
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class PreprocessOptions:
-    """How every image is converted (all recorded in the manifest).
-
-    Attributes:
-        size: target length of the shorter side in pixels (0 = keep the original size).
-        upscale: also enlarge images whose shorter side is below ``size`` (else they keep their size).
-        bit_depth: 8 or 16 bits per stored pixel.
-        scaling: ``"minmax"`` maps the resized image's min..max (after DICOM VOI) to 0..2**bit_depth-1;
-            ``"percentile"`` maps the resized image's ``percentiles`` and clips outside.
-        percentiles: (low, high) in percent, for ``scaling="percentile"``.
-        resample: PIL resampling filter (antialiased when shrinking): bilinear, bicubic, lanczos or box.
-        png_compress_level: zlib level 0-9 of the stored PNGs (1 is fast and nearly as small for radiographs).
-        dicom: DICOM conversion and filtering options (``multi_frame`` also applies to animated PNG/JPEG).
-    """
-
-    size: int = 518
-    upscale: bool = True
-    bit_depth: int = 8
-    scaling: str = "minmax"
-    percentiles: tuple[float, float] = (0.5, 99.5)
-    resample: str = "bicubic"
-    png_compress_level: int = 1
-    dicom: DicomReadOptions = dataclasses.field(default_factory=DicomReadOptions)
-
-    def __post_init__(self) -> None:
-        if self.size < 0:
-            raise RaddinoError(f"size must be >= 0 (0 keeps the original size), got {self.size}")
-        if self.bit_depth not in (8, 16):
-            raise RaddinoError(f"bit depth must be 8 or 16, got {self.bit_depth}")
-        if self.scaling not in SCALINGS:
-            raise RaddinoError(f"scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
-        low, high = self.percentiles
-        if not 0.0 <= low < high <= 100.0:
-            raise RaddinoError(f"percentiles must satisfy 0 <= low < high <= 100, got {low} {high}")
-        if self.resample not in RESAMPLERS:
-            raise RaddinoError(f"resample must be one of {', '.join(RESAMPLERS)}, got {self.resample!r}")
-        if not 0 <= self.png_compress_level <= 9:
-            raise RaddinoError(f"PNG compress level must be 0-9, got {self.png_compress_level}")
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-serialisable view for the manifest."""
-        out = dataclasses.asdict(self)
-        out["percentiles"] = list(self.percentiles)
-        dicom = out["dicom"]
-        dicom["modalities"] = None if self.dicom.modalities is None else list(self.dicom.modalities)
-        dicom["fields"] = list(self.dicom.fields)
-        return out
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceItem:
-    """One input file. ``source`` is its identity in the key map (path relative to the input directory, or the
-    entry as written in the list/CSV); ``carried`` holds the CSV columns to copy into the sample's JSON."""
-
-    source: str
-    path: Path
-    carried: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class InputSet:
-    """Sorted inputs plus what discovery left out."""
-
-    items: list[SourceItem]
-    kind: str  # "directory", "csv" or "list"
-    ignored_files: int = 0  # files in a directory tree that do not look like images (e.g. .txt, .csv)
-
-
-@dataclasses.dataclass(frozen=True)
-class IntensityMapping:
-    """Source values ``low`` -> 0 and ``high`` -> 2**bit_depth - 1 (linear, clipped outside)."""
-
-    scaling: str
-    low: float
-    high: float
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleRecord:
-    """The ``<key>.json`` member of a sample (schema documented in docs/DATA.md). Never holds a key or a path.
-
-    Attributes:
-        format: source format: ``"dicom"``, ``"png"`` or ``"jpeg"``.
-        original_size: (H, W) of the source image.
-        size: (H, W) of the stored PNG.
-        bit_depth: of the stored PNG (8 or 16).
-        intensity: how source values were mapped to stored ones.
-        voi: DICOM only: the VOI step applied (``"lut"``, ``"window"``, ``"none"``).
-        dicom: DICOM only: the allow-listed header fields.
-        source_bit_depth: PNG/JPEG only: 8, or 16 for 16-bit PNGs.
-        meta: carried CSV columns (strings), if any.
-    """
-
-    format: str
-    original_size: tuple[int, int]
-    size: tuple[int, int] = (0, 0)
-    bit_depth: int = 8
-    intensity: IntensityMapping | None = None
-    voi: str | None = None
-    dicom: dict[str, Any] | None = None
-    source_bit_depth: int | None = None
-    meta: dict[str, str] | None = None
-
-    def to_json(self) -> bytes:
-        """Compact ASCII JSON with sorted keys (deterministic bytes); ``None`` fields are left out."""
-        payload = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
-
-
-@dataclasses.dataclass
-class ProcessedSample:
-    """A converted image: ``png`` bytes and its record."""
-
-    png: bytes
-    record: SampleRecord
-
-
-@dataclasses.dataclass
-class _Outcome:
-    sample: ProcessedSample | None
-    reason: SkipReason | None = None
-    detail: str = ""
-
-
-@dataclasses.dataclass
-class ShardInfo:
-    name: str
-    samples: int
-    bytes: int
-    sha256: str
 
 
 @dataclasses.dataclass
@@ -240,232 +90,6 @@ class ShardSummary:
     @property
     def images_per_second(self) -> float:
         return self.inputs / self.seconds if self.seconds > 0 else float("nan")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Inputs
-
-
-def _is_candidate(name: str) -> bool:
-    if name.startswith("."):
-        return False
-    suffix = os.path.splitext(name)[1].lower()
-    return suffix in IMAGE_SUFFIXES or suffix == "" or suffix[1:].isdigit()
-
-
-def _walk_directory(root: Path, exclude: Sequence[Path]) -> InputSet:
-    excluded = {path.resolve() for path in exclude}
-    items, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        # Hidden directories and the output directory (if it lies inside the input tree) are not inputs.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded)
-        for name in filenames:
-            path = here / name
-            if not _is_candidate(name):
-                ignored += 1
-                continue
-            items.append(SourceItem(source=path.relative_to(root).as_posix(), path=path))
-    items.sort(key=lambda item: item.source)
-    return InputSet(items=items, kind="directory", ignored_files=ignored)
-
-
-def _tokens(column: str) -> list[str]:
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", column)  # camelCase -> camel Case
-    return [token for token in re.split(r"[^a-z0-9]+", spaced.lower()) if token]
-
-
-def identifying_columns(columns: Sequence[str]) -> list[str]:
-    """The columns whose names suggest identifying data (see ``_IDENTIFYING_TOKENS``)."""
-    return [column for column in columns if any(token in _IDENTIFYING_TOKENS for token in _tokens(column))]
-
-
-def _read_csv(path: Path, *, root: Path, path_column: str, carry: Sequence[str]) -> list[SourceItem]:
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c for c in (reader.fieldnames or []) if c is not None]
-            if path_column not in columns:
-                raise RaddinoError(
-                    f"{path}: no column '{path_column}' with file paths (columns: {', '.join(columns)}); "
-                    "choose one with --path-column"
-                )
-            missing = [c for c in carry if c not in columns]
-            if missing:
-                raise RaddinoError(f"{path}: --carry columns not found: {', '.join(missing)}")
-            items = []
-            for row in reader:
-                entry = (row.get(path_column) or "").strip()
-                if not entry:
-                    continue
-                carried = {c: (row.get(c) or "") for c in carry}
-                items.append(SourceItem(source=entry, path=root / entry, carried=carried))
-            return items
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise RaddinoError(f"cannot read CSV {path}: {err}") from None
-
-
-def _read_list(path: Path, *, root: Path) -> list[SourceItem]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise RaddinoError(f"cannot read file list {path}: {err}") from None
-    entries = [line.strip() for line in lines]
-    return [SourceItem(source=e, path=root / e) for e in entries if e and not e.startswith("#")]
-
-
-def collect_inputs(
-    input_path: Path,
-    *,
-    root: Path | None = None,
-    path_column: str = "path",
-    carry: Sequence[str] = (),
-    allow_identifying_columns: bool = False,
-    exclude: Sequence[Path] = (),
-) -> InputSet:
-    """Find the input files.
-
-    Args:
-        input_path: a directory (walked recursively; hidden entries skipped; files with image extensions, no
-            extension or a numeric extension are inputs), a ``.csv`` file with a ``path_column``, or a text file
-            with one path per line (``#`` comments and blank lines ignored).
-        root: directory that relative paths in a list/CSV are resolved against (default: the list's directory).
-        path_column: CSV column holding the file paths.
-        carry: CSV columns copied into every sample's JSON (``meta``), as strings.
-        allow_identifying_columns: permit carrying columns whose names look identifying (name, id, date, ...).
-        exclude: paths never taken as inputs (the output directory when it lies inside the input tree).
-
-    Returns:
-        :class:`InputSet` sorted by ``source``.
-    """
-    if not input_path.exists():
-        raise RaddinoError(f"input not found: {input_path}")
-    if input_path.is_dir():
-        if carry:
-            raise RaddinoError("--carry needs a CSV input (a directory has no metadata columns)")
-        return _walk_directory(input_path, exclude)
-    base = root if root is not None else input_path.parent
-    if input_path.suffix.lower() == ".csv":
-        if not allow_identifying_columns:
-            flagged = identifying_columns(carry)
-            if flagged:
-                raise RaddinoError(
-                    f"--carry columns look identifying: {', '.join(flagged)} (names, IDs, dates and paths must not "
-                    "go into shards); pass --allow-identifying-columns if they are not"
-                )
-        items, kind = _read_csv(input_path, root=base, path_column=path_column, carry=carry), "csv"
-    else:
-        if carry:
-            raise RaddinoError("--carry needs a CSV input")
-        items, kind = _read_list(input_path, root=base), "list"
-    items.sort(key=lambda item: item.source)
-    return InputSet(items=items, kind=kind)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Per-image processing (runs in worker processes)
-
-
-def _decode(path: Path, options: PreprocessOptions) -> tuple[np.ndarray, SampleRecord]:
-    """File -> ((H, W) float32 image, higher = brighter; record of the source)."""
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(HEADER_BYTES)
-    except FileNotFoundError:
-        raise UnusableImage(SkipReason.MISSING, "file not found") from None
-    except OSError as err:
-        raise UnusableImage(SkipReason.UNREADABLE, f"{type(err).__name__}: {err}") from None
-    if not head:
-        raise UnusableImage(SkipReason.EMPTY, "zero-byte file")
-    kind = sniff_format(head, path.suffix)
-    if kind is None:
-        raise UnusableImage(SkipReason.UNSUPPORTED_FORMAT, "not a PNG, JPEG or DICOM file")
-    if kind == "dicom":
-        image = read_dicom(path, options.dicom)
-        height, width = image.pixels.shape
-        return image.pixels, SampleRecord("dicom", (height, width), voi=image.voi, dicom=image.fields)
-    image = read_image(path, multi_frame=options.dicom.multi_frame, min_side=options.size or None)
-    depth = 16 if image.pixels.dtype == np.uint16 else 8
-    record = SampleRecord(image.format, image.original_size, source_bit_depth=depth)
-    return image.pixels.astype(np.float32), record
-
-
-def resized_shape(height: int, width: int, *, size: int, upscale: bool) -> tuple[int, int]:
-    """(H, W) after resizing so the shorter side is ``size`` (aspect ratio kept, long side rounded)."""
-    short = min(height, width)
-    if size == 0 or short == size or (short < size and not upscale):
-        return height, width
-    scale = size / short
-    if height <= width:
-        return size, max(1, round(width * scale))
-    return max(1, round(height * scale)), size
-
-
-def resize_image(pixels: np.ndarray, *, shape: tuple[int, int], resample: str) -> np.ndarray:
-    """(H, W) float32 -> ``shape`` (H', W') float32 with a PIL filter (antialiased when shrinking)."""
-    new_h, new_w = shape
-    if (new_h, new_w) == pixels.shape:
-        return pixels
-    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32))
-    return np.asarray(image.resize((new_w, new_h), RESAMPLERS[resample]), dtype=np.float32)
-
-
-def quantize(pixels: np.ndarray, *, low: float, high: float, bit_depth: int) -> np.ndarray:
-    """Map [low, high] linearly to [0, 2**bit_depth - 1] (clipping outside), rounded; (H, W) -> uint8/uint16."""
-    top = 2**bit_depth - 1
-    scaled = (pixels.astype(np.float64) - low) * (top / (high - low))
-    return np.rint(np.clip(scaled, 0, top)).astype(np.uint8 if bit_depth == 8 else np.uint16)
-
-
-def encode_png(pixels: np.ndarray, *, compress_level: int) -> bytes:
-    """(H, W) uint8 -> 8-bit grayscale PNG, uint16 -> 16-bit grayscale PNG (mode I;16, never through "L")."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()
-
-
-def process_file(path: Path, options: PreprocessOptions) -> ProcessedSample:
-    """Convert one file into a sample; raises :class:`UnusableImage` when it must be skipped."""
-    pixels, record = _decode(path, options)
-    if pixels.ndim != 2 or min(pixels.shape) == 0:
-        raise UnusableImage(SkipReason.UNDECODABLE, f"image of shape {pixels.shape}")
-    if not np.isfinite(pixels).all():
-        raise UnusableImage(SkipReason.UNDECODABLE, "non-finite pixel values")
-    if float(pixels.min()) == float(pixels.max()):
-        raise UnusableImage(SkipReason.CONSTANT, f"every pixel is {float(pixels.min()):g}")
-    # The target comes from the full-resolution size: a JPEG decoded at reduced scale gets the same shape.
-    shape = resized_shape(*record.original_size, size=options.size, upscale=options.upscale)
-    resized = resize_image(pixels, shape=shape, resample=options.resample)
-    # Both statistics are taken on the resized image, i.e. on what is stored: min-max output always spans the
-    # full range (resampling overshoot included, so nothing is clipped).
-    low, high = float(resized.min()), float(resized.max())
-    if options.scaling == "percentile":
-        p_low, p_high = (float(v) for v in np.percentile(resized, options.percentiles))
-        if p_high > p_low:  # else (> 99 % of the pixels share one value) keep min-max
-            low, high = p_low, p_high
-    if high <= low:
-        raise UnusableImage(SkipReason.CONSTANT, f"every pixel of the resized image is {low:g}")
-    stored = quantize(resized, low=low, high=high, bit_depth=options.bit_depth)
-    record = dataclasses.replace(
-        record,
-        size=(int(stored.shape[0]), int(stored.shape[1])),
-        bit_depth=options.bit_depth,
-        intensity=IntensityMapping(options.scaling, low, high),
-    )
-    return ProcessedSample(png=encode_png(stored, compress_level=options.png_compress_level), record=record)
-
-
-def _process_outcome(path: Path, options: PreprocessOptions) -> _Outcome:
-    """Worker entry point: never raises for a bad file (the run goes on), reports why instead."""
-    try:
-        return _Outcome(sample=process_file(path, options))
-    except UnusableImage as err:
-        return _Outcome(sample=None, reason=err.reason, detail=err.detail)
-    except MemoryError:
-        return _Outcome(sample=None, reason=SkipReason.ERROR, detail="out of memory")
-    except Exception as err:  # noqa: BLE001 - one exotic file must not end a run over a million files
-        log.debug("unexpected error processing %s", path, exc_info=True)
-        return _Outcome(sample=None, reason=SkipReason.ERROR, detail=f"{type(err).__name__}: {err}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -507,15 +131,6 @@ def default_key_map_path(out_dir: Path) -> Path:
     return out_dir.parent / f"{out_dir.name}.keymap.csv"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _key_map_bytes(salt: str, rows: list[tuple[str, str, str, str]]) -> bytes:
     buffer = io.StringIO(newline="")
     buffer.write(f"{KEYMAP_HEADER}{salt}\n")
@@ -523,94 +138,6 @@ def _key_map_bytes(salt: str, rows: list[tuple[str, str, str, str]]) -> bytes:
     writer.writerow(["source", "key", "shard", "status"])
     writer.writerows(rows)
     return buffer.getvalue().encode("utf-8", "surrogateescape")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tar writing
-
-
-class _HashingFile:
-    """Write-only file wrapper that hashes and counts what tarfile writes."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        self.handle, self.sha256, self.size = handle, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.handle.write(data)
-
-    def tell(self) -> int:
-        return self.size
-
-
-def _tar_entry_size(n_bytes: int) -> int:
-    return tarfile.BLOCKSIZE + -(-n_bytes // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-
-
-class _ShardWriter:
-    """Writes ``shard-%06d.tar`` files: each goes to a hidden temporary name and is renamed when complete."""
-
-    def __init__(self, out_dir: Path, *, max_count: int, max_bytes: int) -> None:
-        self.out_dir, self.max_count, self.max_bytes = out_dir, max_count, max_bytes
-        self.shards: list[ShardInfo] = []
-        self._tar: tarfile.TarFile | None = None
-        self._handle: BinaryIO | None = None
-        self._hashing: _HashingFile | None = None
-        self._count = 0
-        self._bytes = 0
-
-    @property
-    def current_name(self) -> str:
-        return SHARD_PATTERN % len(self.shards)
-
-    def _open(self) -> None:
-        self._handle = (self.out_dir / f".{self.current_name}.tmp").open("wb")
-        self._hashing = _HashingFile(self._handle)
-        self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[call-overload]
-        self._count, self._bytes = 0, 0
-
-    def _add_member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        assert self._tar is not None
-        self._tar.addfile(info, io.BytesIO(data))
-
-    def add(self, key: str, members: Sequence[tuple[str, bytes]]) -> str:
-        """Append one sample (``<key>.<ext>`` members); returns the shard file name it went into."""
-        size = sum(_tar_entry_size(len(data)) for _, data in members)
-        if self._tar is not None and (self._count >= self.max_count or self._bytes + size > self.max_bytes):
-            self.close()
-        if self._tar is None:
-            self._open()
-        for ext, data in members:
-            self._add_member(f"{key}.{ext}", data)
-        self._count += 1
-        self._bytes += size
-        return self.current_name
-
-    def close(self) -> None:
-        """Finish the open shard (if any) and move it to its final name."""
-        if self._tar is None:
-            return
-        assert self._handle is not None and self._hashing is not None
-        self._tar.close()
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
-        name = self.current_name
-        os.replace(self.out_dir / f".{name}.tmp", self.out_dir / name)
-        self.shards.append(ShardInfo(name, self._count, self._hashing.size, self._hashing.sha256.hexdigest()))
-        self._tar = self._handle = self._hashing = None
-
-    def abort(self) -> None:
-        """Drop the unfinished shard (on error / interrupt); completed shards stay."""
-        if self._handle is not None:
-            self._handle.close()
-            (self.out_dir / f".{self.current_name}.tmp").unlink(missing_ok=True)
-        self._tar = self._handle = self._hashing = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -627,7 +154,7 @@ def _check_out_dir(out_dir: Path, *, overwrite: bool) -> None:
 def _clean_out_dir(out_dir: Path) -> None:
     """Remove what an earlier run wrote, and only that: never wipe a directory given by mistake."""
     if out_dir.is_dir():
-        stale = [*out_dir.glob("shard-*.tar"), *out_dir.glob(".shard-*.tar.tmp"), *out_dir.glob(f"*{MANIFEST_NAME}*")]
+        stale = [*out_dir.glob("shard-*.tar"), *out_dir.glob(".shard-*.tar*.tmp"), *out_dir.glob(f"*{MANIFEST_NAME}*")]
         for path in stale:
             path.unlink()
         others = sorted(p.name for p in out_dir.iterdir())
@@ -659,6 +186,158 @@ def _software_versions() -> dict[str, str]:
         "pillow": PIL.__version__,
         "pydicom": pydicom.__version__,
         "numpy": np.__version__,
+    }
+
+
+@dataclasses.dataclass
+class _Tally:
+    """What the run did, in input order: counts for the manifest and the key-map rows (source, key, shard, status)."""
+
+    skipped: Counter[str] = dataclasses.field(default_factory=Counter)
+    formats: Counter[str] = dataclasses.field(default_factory=Counter)
+    heights: list[int] = dataclasses.field(default_factory=list)
+    widths: list[int] = dataclasses.field(default_factory=list)
+    rows: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
+
+    def skip(self, item: SourceItem, key: str, outcome: Outcome) -> None:
+        assert outcome.reason is not None
+        self.skipped[outcome.reason.value] += 1
+        level = logging.WARNING if outcome.reason in _DAMAGE_REASONS else logging.DEBUG
+        log.log(level, "skipped %s (%s: %s)", item.source, outcome.reason.value, outcome.detail)
+        self.rows.append((item.source, key, "", f"skipped:{outcome.reason.value}"))
+
+    def written(self, item: SourceItem, key: str, record: SampleRecord, shard: str) -> None:
+        self.formats[record.format] += 1
+        self.heights.append(record.size[0])
+        self.widths.append(record.size[1])
+        self.rows.append((item.source, key, shard, "written"))
+
+
+def _duplicates(items: Sequence[SourceItem]) -> list[bool]:
+    """Per item: the same file came earlier in the list (also via another spelling of its path)."""
+    seen: set[Path] = set()
+    duplicate = []
+    for item in items:
+        resolved = item.path.resolve()
+        duplicate.append(resolved in seen)
+        seen.add(resolved)
+    return duplicate
+
+
+def _converted(
+    items: Sequence[SourceItem], *, options: PreprocessOptions, workers: int, progress: bool | None
+) -> Iterator[tuple[int, Outcome]]:
+    """``(index, outcome)`` of every item, in input order; converted in ``workers`` processes (1: this process).
+    Duplicates are not converted. Close the generator to stop the workers early."""
+    duplicate = _duplicates(items)
+    bar = None
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        pending: deque[tuple[int, concurrent.futures.Future[Outcome] | Outcome]] = deque()
+        window = workers * 4  # results are consumed in input order; this bounds how many wait in memory
+        next_index = 0
+
+        def submit_until_full() -> None:
+            nonlocal next_index
+            while next_index < len(items) and len(pending) < window:
+                i = next_index
+                next_index += 1
+                if duplicate[i]:
+                    pending.append((i, Outcome(None, SkipReason.DUPLICATE, "listed more than once")))
+                elif pool is None:
+                    pending.append((i, process_outcome(items[i].path, options)))
+                else:
+                    pending.append((i, pool.submit(process_outcome, items[i].path, options)))
+
+        submit_until_full()  # starts the worker processes before tqdm starts its monitor thread
+        bar = tqdm(total=len(items), unit="img", desc="shard", disable=None if progress is None else not progress)
+        while pending:
+            index, result = pending.popleft()
+            yield index, result.result() if isinstance(result, concurrent.futures.Future) else result
+            bar.update(1)
+            submit_until_full()
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_samples(
+    items: Sequence[SourceItem],
+    keys: Sequence[str],
+    *,
+    writer: ShardWriter,
+    options: PreprocessOptions,
+    workers: int,
+    progress: bool | None,
+) -> _Tally:
+    """Convert every item and append the usable ones to ``writer`` in input order; on any error the unfinished shard
+    is dropped (complete shards stay)."""
+    tally = _Tally()
+    try:
+        with contextlib.closing(_converted(items, options=options, workers=workers, progress=progress)) as outcomes:
+            for index, outcome in outcomes:
+                item, key = items[index], keys[index]
+                if outcome.sample is None:
+                    tally.skip(item, key, outcome)
+                    continue
+                record = dataclasses.replace(outcome.sample.record, meta=dict(item.carried) if item.carried else None)
+                tally.written(item, key, record, writer.add(key, sample_members(outcome.sample.png, record)))
+        writer.close()
+    except BrokenProcessPool:
+        writer.abort()
+        raise RaddinoError(
+            f"a worker process died (out of memory? try fewer than {workers} --workers); complete shards were kept"
+        ) from None
+    except BaseException:
+        writer.abort()
+        raise
+    return tally
+
+
+def _manifest(
+    inputs: InputSet,
+    *,
+    options: PreprocessOptions,
+    salt: str,
+    max_count: int,
+    max_bytes: int,
+    tally: _Tally,
+    shards: Sequence[ShardInfo],
+) -> dict[str, Any]:
+    """``manifest.json`` (schema in docs/DATA.md): options, counts, shard hashes; no paths, no salt."""
+    items = inputs.items
+    return {
+        "format": "raddino-webdataset-shards",
+        "version": MANIFEST_VERSION,
+        "software": _software_versions(),
+        "input_kind": inputs.kind,
+        "options": {
+            "preprocess": options.as_dict(),
+            "max_count": max_count,
+            "max_bytes": max_bytes,
+            "carried_columns": sorted({c for item in items for c in item.carried}),
+        },
+        "keys": {
+            "scheme": f"hmac-sha256(salt, source)[:{KEY_HEX_CHARS} hex]",
+            "salt_fingerprint": salt_fingerprint(salt),
+        },
+        "members": list(MEMBER_EXTENSIONS),
+        "counts": {
+            "inputs": len(items),
+            "written": len(items) - sum(tally.skipped.values()),
+            "skipped": sum(tally.skipped.values()),
+            "skipped_by_reason": dict(sorted(tally.skipped.items())),
+            "written_by_format": dict(sorted(tally.formats.items())),
+            "ignored_files": inputs.ignored_files,
+        },
+        "image_size": {
+            "height": [min(tally.heights), max(tally.heights)] if tally.heights else None,
+            "width": [min(tally.widths), max(tally.widths)] if tally.widths else None,
+        },
+        "total_bytes": sum(shard.bytes for shard in shards),
+        "shards": [dataclasses.asdict(shard) for shard in shards],
     }
 
 
@@ -707,121 +386,27 @@ def build_shards(
     started = time.perf_counter()
     items = inputs.items
     keys = [make_key(item.source, chosen_salt) for item in items]
-    # The same file listed twice (also via different spellings of its path) is processed once.
-    seen: set[Path] = set()
-    duplicate = []
-    for item in items:
-        resolved = item.path.resolve()
-        duplicate.append(resolved in seen)
-        seen.add(resolved)
-
-    writer = _ShardWriter(out_dir, max_count=max_count, max_bytes=max_bytes)
-    skipped: Counter[str] = Counter()
-    formats: Counter[str] = Counter()
-    heights: list[int] = []
-    widths: list[int] = []
-    rows: list[tuple[str, str, str, str]] = []
-
-    def handle(index: int, outcome: _Outcome) -> None:
-        item = items[index]
-        if outcome.sample is None:
-            assert outcome.reason is not None
-            skipped[outcome.reason.value] += 1
-            level = logging.WARNING if outcome.reason in _DAMAGE_REASONS else logging.DEBUG
-            log.log(level, "skipped %s (%s: %s)", item.source, outcome.reason.value, outcome.detail)
-            rows.append((item.source, keys[index], "", f"skipped:{outcome.reason.value}"))
-            return
-        sample = outcome.sample
-        record = dataclasses.replace(sample.record, meta=dict(item.carried) if item.carried else None)
-        shard = writer.add(keys[index], [("png", sample.png), ("json", record.to_json())])
-        formats[record.format] += 1
-        heights.append(record.size[0])
-        widths.append(record.size[1])
-        rows.append((item.source, keys[index], shard, "written"))
-
-    bar = None
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
-    try:
-        pending: deque[tuple[int, concurrent.futures.Future[_Outcome] | _Outcome]] = deque()
-        window = workers * 4  # results are consumed in input order; this bounds how many wait in memory
-        next_index = 0
-
-        def submit_until_full() -> None:
-            nonlocal next_index
-            while next_index < len(items) and len(pending) < window:
-                i = next_index
-                next_index += 1
-                if duplicate[i]:
-                    pending.append((i, _Outcome(None, SkipReason.DUPLICATE, "listed more than once")))
-                elif pool is None:
-                    pending.append((i, _process_outcome(items[i].path, options)))
-                else:
-                    pending.append((i, pool.submit(_process_outcome, items[i].path, options)))
-
-        submit_until_full()  # starts the worker processes before tqdm starts its monitor thread
-        bar = tqdm(total=len(items), unit="img", desc="shard", disable=None if progress is None else not progress)
-        while pending:
-            index, result = pending.popleft()
-            outcome = result.result() if isinstance(result, concurrent.futures.Future) else result
-            handle(index, outcome)
-            bar.update(1)
-            submit_until_full()
-        writer.close()
-    except BrokenProcessPool:
-        writer.abort()
-        raise RaddinoError(
-            f"a worker process died (out of memory? try fewer than {workers} --workers); complete shards were kept"
-        ) from None
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-
+    writer = ShardWriter(out_dir, max_count=max_count, max_bytes=max_bytes)
+    tally = _write_samples(items, keys, writer=writer, options=options, workers=workers, progress=progress)
     seconds = time.perf_counter() - started
-    written = len(items) - sum(skipped.values())
-    manifest = {
-        "format": "raddino-webdataset-shards",
-        "version": MANIFEST_VERSION,
-        "software": _software_versions(),
-        "input_kind": inputs.kind,
-        "options": {
-            "preprocess": options.as_dict(),
-            "max_count": max_count,
-            "max_bytes": max_bytes,
-            "carried_columns": sorted({c for item in items for c in item.carried}),
-        },
-        "keys": {
-            "scheme": f"hmac-sha256(salt, source)[:{KEY_HEX_CHARS} hex]",
-            "salt_fingerprint": salt_fingerprint(chosen_salt),
-        },
-        "members": ["png", "json"],
-        "counts": {
-            "inputs": len(items),
-            "written": written,
-            "skipped": sum(skipped.values()),
-            "skipped_by_reason": dict(sorted(skipped.items())),
-            "written_by_format": dict(sorted(formats.items())),
-            "ignored_files": inputs.ignored_files,
-        },
-        "image_size": {
-            "height": [min(heights), max(heights)] if heights else None,
-            "width": [min(widths), max(widths)] if widths else None,
-        },
-        "total_bytes": sum(shard.bytes for shard in writer.shards),
-        "shards": [dataclasses.asdict(shard) for shard in writer.shards],
-    }
+
+    manifest = _manifest(
+        inputs,
+        options=options,
+        salt=chosen_salt,
+        max_count=max_count,
+        max_bytes=max_bytes,
+        tally=tally,
+        shards=writer.shards,
+    )
     manifest_path = out_dir / MANIFEST_NAME
-    _write_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode("utf-8"))
     key_map.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(key_map, _key_map_bytes(chosen_salt, rows))
+    atomic_write_bytes(key_map, _key_map_bytes(chosen_salt, tally.rows))
     return ShardSummary(
         inputs=len(items),
-        written=written,
-        skipped=dict(sorted(skipped.items())),
+        written=manifest["counts"]["written"],
+        skipped=dict(sorted(tally.skipped.items())),
         shards=writer.shards,
         seconds=seconds,
         manifest_path=manifest_path,

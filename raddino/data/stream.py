@@ -38,13 +38,11 @@ no pickle / torch / numpy member decoder runs.
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import os
 import random
 import tarfile
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,14 +51,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import webdataset as wds
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from raddino.data.augment import MultiCropAugmentation
 from raddino.data.batch import SSLBatch, SSLSample, collate_ssl
 from raddino.data.dataset import make_ssl_sample, sample_generator
-from raddino.data.imageio import SkipReason, UnusableImage, pil_to_gray
+from raddino.data.imageio import UnusableImage, decode_image
 from raddino.data.masking import sample_ibot_mask
+from raddino.data.shard_format import image_extension
 from raddino.data.urls import expand_shard_pattern
 from raddino.errors import ConfigError, RaddinoError
 
@@ -70,8 +68,6 @@ log = logging.getLogger(__name__)
 _SHARD_STREAM = 2
 _MIX_STREAM = 3
 _SHUFFLE_STREAM = 4
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")  # member extensions decoded, in order of preference
-_PIL_FORMATS = ("PNG", "JPEG", "MPO")
 _MAX_EMPTY_SHARDS = 50  # distinct shards in a row without a sample before a worker gives up
 _MAX_UNDECODABLE = 1000  # samples in a row that cannot be decoded before a worker gives up
 _MIX_BLOCK = 1024  # dataset choices drawn at once
@@ -150,35 +146,6 @@ def split_by_node(units: Iterator[tuple[int, int]], *, rank: int, world_size: in
 def split_by_worker(units: Iterator[tuple[int, int]], *, worker: int, num_workers: int) -> Iterator[tuple[int, int]]:
     """Worker splitter: DataLoader worker ``worker`` of ``num_workers`` takes every ``num_workers``-th unit."""
     return itertools.islice(units, worker, None, num_workers)
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """A PNG / JPEG member -> (H, W) uint8, or uint16 for 16-bit PNGs (never reduced to 8 bits).
-
-    Colour becomes BT.601 luma, alpha is composited onto black (:func:`raddino.data.imageio.pil_to_gray`); JPEG
-    EXIF orientation is applied (the shard builder's PNGs carry none).
-
-    Raises:
-        UnusableImage: ``unsupported_format``, ``truncated``, ``undecodable`` or ``photometric``.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image, warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if image.format not in _PIL_FORMATS:
-                raise UnusableImage(SkipReason.UNSUPPORTED_FORMAT, f"{image.format} image")
-            image.load()
-            if image.format != "PNG":
-                image = ImageOps.exif_transpose(image)
-            return pil_to_gray(image)
-    except UnusableImage:
-        raise
-    except UnidentifiedImageError as err:
-        raise UnusableImage(SkipReason.UNDECODABLE, str(err)) from None
-    except OSError as err:  # PIL: "image file is truncated", "broken data stream", ...
-        reason = SkipReason.TRUNCATED if "truncated" in str(err) else SkipReason.UNDECODABLE
-        raise UnusableImage(reason, str(err)) from None
-    except (ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
-        raise UnusableImage(SkipReason.UNDECODABLE, f"{type(err).__name__}: {err}") from None
 
 
 class ShardStream(IterableDataset[SSLBatch]):
@@ -323,7 +290,7 @@ class StreamWorker:
         try:
             for sample in wds.tarfile_samples([source], handler=handler):
                 key = sample["__key__"]
-                ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+                ext = image_extension(sample)
                 if ext is None:
                     members = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "none"
                     self._skip("no_image", f"{url}: sample {key} has no image member (members: {members})")

@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
-import json
 import logging
 import os
 import re
-import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from PIL import Image
 
-from raddino.data.imageio import HEADER_BYTES, UnusableImage, pil_to_gray, sniff_format
+from raddino.data.imageio import HEADER_BYTES, SkipReason, UnusableImage, decode_image, sniff_format
+from raddino.data.shard_format import IMAGE_EXT, ShardMember, read_shard
 from raddino.errors import RaddinoError
 from raddino.eval.metrics import TASKS, Task
 
@@ -42,7 +39,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".t
 # Folder names accepted for each split (Kermany's layout uses "val"; others use "valid" / "validation").
 _SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
 _DEFAULT_SPLIT_VALUES = {"train": ["train", "training"], "val": ["val", "valid", "validation"], "test": ["test"]}
-_COLOUR_MODES = ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -77,11 +73,12 @@ def _file_identity(path: Path) -> tuple[str, int, int]:
     return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
-def decode_image(data: bytes | Path, *, name: str) -> np.ndarray:
+def load_image(data: bytes | Path, *, name: str) -> np.ndarray:
     """Decode PNG / JPEG / BMP / TIFF bytes or a file (DICOM too) into ``(H, W)`` or ``(H, W, 3)``.
 
-    Gray modes keep their depth (uint8 / uint16); colour images become RGB uint8 (alpha dropped); DICOM pixels are
-    min-max scaled to float32 [0, 1] after the modality / VOI transforms of :func:`raddino.data.dicom.read_dicom`.
+    Gray modes keep their depth (uint8 / uint16); colour images become RGB uint8 (alpha dropped); EXIF orientation
+    is not applied; DICOM pixels are min-max scaled to float32 [0, 1] after the modality / VOI transforms of
+    :func:`raddino.data.dicom.read_dicom`. ``name`` names the image in errors.
     """
     try:
         if isinstance(data, Path):
@@ -95,19 +92,16 @@ def decode_image(data: bytes | Path, *, name: str) -> np.ndarray:
                 pixels = read_dicom(data, options).pixels.astype(np.float32)
                 low, high = float(pixels.min()), float(pixels.max())
                 return (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
-            source: Path | io.BytesIO = data
-        else:
-            source = io.BytesIO(data)
-        with Image.open(source) as image:
-            image.load()
-            if image.mode in _COLOUR_MODES:
-                return np.asarray(image.convert("RGB"))
-            return pil_to_gray(image)
-    except UnusableImage as err:
-        raise RaddinoError(f"cannot read image {name}: {err}") from None
+        return decode_image(data, colour=True, formats=None, orient=False)
     except FileNotFoundError:
         raise RaddinoError(f"image file not found: {name}") from None
-    except (OSError, ValueError, SyntaxError) as err:
+    except UnusableImage as err:
+        if err.reason is SkipReason.MISSING:
+            raise RaddinoError(f"image file not found: {name}") from None
+        if err.reason in (SkipReason.UNDECODABLE, SkipReason.TRUNCATED):
+            raise RaddinoError(f"cannot decode image {name}: {err.detail}") from None
+        raise RaddinoError(f"cannot read image {name}: {err}") from None
+    except (OSError, ValueError, SyntaxError) as err:  # DICOM reading
         raise RaddinoError(f"cannot decode image {name}: {err}") from None
 
 
@@ -138,31 +132,17 @@ class FileImages:
         return len(self.paths)
 
     def load(self, index: int) -> np.ndarray:
-        return decode_image(self.paths[index], name=str(self.paths[index]))
+        return load_image(self.paths[index], name=str(self.paths[index]))
 
     def fingerprint(self) -> str:
         # Path, size and modification time of every file: replacing an image invalidates cached features.
         return _digest("files", [_file_identity(p) for p in self.paths])
 
 
-@dataclass(frozen=True)
-class TarMember:
-    """Where one member's bytes sit inside a tar file (read with a seek, no tar parsing at load time)."""
-
-    tar: Path
-    offset: int
-    size: int
-
-    def read(self) -> bytes:
-        with open(self.tar, "rb") as handle:
-            handle.seek(self.offset)
-            return handle.read(self.size)
-
-
 class ShardImages:
     """The ``<key>.png`` members of WebDataset shards."""
 
-    def __init__(self, members: Sequence[TarMember], keys: Sequence[str]) -> None:
+    def __init__(self, members: Sequence[ShardMember], keys: Sequence[str]) -> None:
         self.members = list(members)
         self.keys = list(keys)
 
@@ -171,7 +151,7 @@ class ShardImages:
 
     def load(self, index: int) -> np.ndarray:
         member = self.members[index]
-        return decode_image(member.read(), name=f"{member.tar.name}:{self.keys[index]}.png")
+        return load_image(member.read(), name=f"{member.tar.name}:{self.keys[index]}.png")
 
     def fingerprint(self) -> str:
         tars = sorted({m.tar for m in self.members})
@@ -697,36 +677,27 @@ def _preset_splits(spec: DatasetSpec, data: _Rows, preset: list[str | None], dat
 # ---- labelled WebDataset shards ------------------------------------------------------------------------------
 
 
-def _index_shards(spec: DatasetSpec, directory: Path) -> tuple[list[str], list[TarMember], list[dict[str, str]]]:
+def _index_shards(spec: DatasetSpec, directory: Path) -> tuple[list[str], list[ShardMember], list[dict[str, str]]]:
     """Keys, PNG members and flattened JSON records (``meta`` fields first) of every sample in the shards."""
     tars = sorted(directory.glob("*.tar"))
     if not tars:
         raise _missing(spec, directory / "shard-000000.tar", "shard files (*.tar)")
     keys: list[str] = []
-    members: list[TarMember] = []
+    members: list[ShardMember] = []
     records: list[dict[str, str]] = []
     for tar_path in tars:
-        pngs: dict[str, TarMember] = {}
-        metas: dict[str, dict[str, str]] = {}
-        with tarfile.open(tar_path, "r:") as tar:
-            for info in tar:
-                if not info.isfile() or "." not in info.name:
-                    continue
-                key, ext = info.name.split(".", 1)  # webdataset splits at the first dot of the base name
-                if ext == "png":
-                    pngs[key] = TarMember(tar=tar_path, offset=info.offset_data, size=info.size)
-                elif ext == "json":
-                    handle = tar.extractfile(info)
-                    payload = json.loads(handle.read()) if handle else {}
-                    flat = {k: v for k, v in payload.items() if not isinstance(v, dict | list)}
-                    flat.update(payload.get("meta") or {})
-                    metas[key] = {k: "" if v is None else str(v) for k, v in flat.items()}
-        for key in sorted(pngs):
-            if key not in metas:
-                raise RaddinoError(f"dataset {spec.name}: {tar_path.name}: sample {key} has a .png but no .json")
-            keys.append(key)
-            members.append(pngs[key])
-            records.append(metas[key])
+        try:
+            samples = [s for s in read_shard(tar_path) if IMAGE_EXT in s.members]
+        except ValueError as err:
+            raise RaddinoError(f"dataset {spec.name}: {tar_path.name}: a JSON member is not JSON ({err})") from None
+        for sample in sorted(samples, key=lambda s: s.key):
+            if sample.metadata is None:
+                raise RaddinoError(f"dataset {spec.name}: {tar_path.name}: sample {sample.key} has a .png but no .json")
+            flat = {k: v for k, v in sample.metadata.items() if not isinstance(v, dict | list)}
+            flat.update(sample.metadata.get("meta") or {})
+            keys.append(sample.key)
+            members.append(sample.members[IMAGE_EXT])
+            records.append({k: "" if v is None else str(v) for k, v in flat.items()})
     return keys, members, records
 
 

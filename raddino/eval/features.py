@@ -26,6 +26,7 @@ from tqdm import tqdm
 from raddino.errors import RaddinoError
 from raddino.eval.backbones import Backbone, Preprocess
 from raddino.eval.datasets import ImageList
+from raddino.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,9 @@ def _cache_path(cache_dir: Path, backbone: Backbone, key: str) -> Path:
 
 def _save_atomic(path: Path, array: np.ndarray, meta: dict[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # readers never see a partial file
         np.save(handle, array)
-    os.replace(tmp, path)  # readers never see a partial file
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2))
 
 
 @torch.inference_mode()

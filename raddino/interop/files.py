@@ -10,7 +10,6 @@ names; only tensors are kept.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor
 
 from raddino.errors import RaddinoError
+from raddino.io import atomic_path
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -103,15 +103,13 @@ def write_safetensors(path: Path, tensors: Mapping[str, Tensor], *, metadata: Ma
     from safetensors.torch import save_file
 
     plain = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.open("wb").close()  # created by Python (mode from the umask); safetensors keeps an existing file's mode
-    save_file(plain, str(tmp), metadata=dict(metadata or {}))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.open("wb").close()  # created by Python (mode from the umask); safetensors keeps an existing file's mode
+        save_file(plain, str(tmp), metadata=dict(metadata or {}))
 
 
 def write_torch(path: Path, tensors: Mapping[str, Tensor]) -> None:
     """A plain ``{name: tensor}`` dict with ``torch.save`` (loadable with ``torch.load(weights_only=True)``)."""
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(plain, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(plain, tmp)
