@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from omegaconf.errors import ReadonlyConfigError
@@ -105,3 +106,20 @@ def test_named_recipe_without_a_checkout_is_a_clear_error(monkeypatch, tmp_path)
     monkeypatch.setattr(config_module, "RECIPES_DIR", tmp_path / "missing")
     with pytest.raises(ConfigError, match=r"pip install -c constraints.txt -e \."):
         load_config("tiny_cpu")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_recipe_loads_and_validates(recipe):
+    cfg = load_config(recipe)
+    assert cfg.crops.global_size % cfg.model.patch_size == 0
+
+
+def test_pneumoniamnist_recipe_pretrains_on_train_images_only():
+    """The recipe behind eval/pneumoniamnist_results.md never reads the val/test images it is evaluated on."""
+    cfg = load_config("pneumoniamnist_tiny")
+    assert (cfg.data.source, cfg.data.split) == ("npz", "train")
+    # the bootstrap settings (docs/TRAINING.md): no brightness/contrast jitter, sharp constant teacher
+    assert (cfg.crops.brightness, cfg.crops.contrast) == (0.0, 0.0)
+    assert cfg.teacher.temp_start == cfg.teacher.temp_end == 0.04
+    d = derive(cfg, world_size=1)
+    assert d.total_steps == 600
