@@ -252,6 +252,7 @@ def test_16bit_png_round_trip_keeps_depth(tmp_path: Path) -> None:
 
 def test_shard_rolling_manifest_hashes_and_webdataset_reader(tmp_path: Path) -> None:
     import webdataset
+
     rng = np.random.default_rng(0)
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
