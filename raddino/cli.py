@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "shard": "raddino.commands.shard",
     "eval": "raddino.commands.eval",
     "export": "raddino.commands.export",
+    "convert": "raddino.commands.convert",
     "bench": "raddino.commands.bench",
     "viz": "raddino.commands.viz",
     "plot": "raddino.commands.plot",

@@ -87,7 +87,7 @@ def test_vitb14_recipe_matches_dinov2_defaults():
     assert (cfg.optim.patch_embed_lr_mult, cfg.optim.clip_grad, cfg.loss.koleo_weight) == (0.2, 3.0, 0.1)
 
 
-@pytest.mark.parametrize("command", ["pretrain", "demo", "shard", "eval", "export", "bench"])
+@pytest.mark.parametrize("command", ["pretrain", "demo", "shard", "eval", "export", "convert", "bench"])
 def test_every_command_has_help(command, capsys):
     """Every sub-command is registered with the top-level parser and prints its own help."""
     with pytest.raises(SystemExit) as exit_info:

@@ -16,9 +16,11 @@ examples:
   raddino export runs/cxr --format timm --out exports/cxr-timm --heads --eval runs/eval/chest-20250101
 
 Each directory gets a model card (README.md): architecture, usage, training config, data manifest summary, steps,
-and the evaluation results given with --eval. Features equal raddino's at the stored position grid; the card says
-whether the target library's position-embedding interpolation also matches at other sizes (--img-size re-stores
-the grid for another size).
+and the evaluation results given with --eval. Where the target library interpolates position embeddings with
+another rule than the model (timm, transformers' Dinov2Model for Meta-rule models), the grid is stored at the
+input size the export's preprocessing declares (crops.global_size), so the features are raddino's exactly there;
+the card gives the measured difference at other sizes. --img-size N stores the grid for N px instead.
+To convert pretrained weights without a run, see `raddino convert`.
 """
 
 
@@ -54,7 +56,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="store the position grid for this input size (default: the model's img_size)",
+        help=(
+            "store the position grid for this input size (default: crops.global_size where the target library's "
+            "interpolation rule differs from the model's, else the model's img_size)"
+        ),
     )
     parser.add_argument(
         "--eval",

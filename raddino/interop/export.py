@@ -16,10 +16,12 @@ Formats (one directory each, with a model card ``README.md``):
   arguments (including the interpolation offset / antialias that reproduce raddino's rule).
 
 At the stored position grid every format gives raddino's features exactly. At other input sizes each library
-interpolates the position embeddings with its own rule; the card says whether it is raddino's (timm: ``dinov2_reg``;
-transformers ``Dinov2Model``: ``hf``, ``Dinov2WithRegistersModel``: ``dinov2_reg``; Meta's code: any rule, through
-its constructor arguments). ``img_size`` re-stores the grid for another size (resampled once with the model's
-rule), which makes a library with a different rule exact at that size.
+interpolates the position embeddings with its own rule (:func:`library_rule`; timm: ``dinov2_reg``; transformers
+``Dinov2Model``: ``hf``, ``Dinov2WithRegistersModel``: ``dinov2_reg``; Meta's code: any rule, through its
+constructor arguments). :func:`export_backbone` therefore stores the grid at the input size the export's
+preprocessing declares whenever the library's rule is not the model's (resampled once with the model's rule), so the
+library runs without interpolating exactly where its users run it; ``img_size`` overrides that size. The card
+states where the export is exact and, measured at export time, how far it is elsewhere (:func:`measure_deviation`).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from raddino.interop import formats
 from raddino.interop.files import write_safetensors, write_torch
 from raddino.interop.modelcard import CardFacts, render
 from raddino.interop.runs import is_run_dir, read_run_teacher
-from raddino.interop.source import RADDINO_FORMAT
-from raddino.models.vit import ARCHS, POS_EMBED_INTERP, interpolate_patch_pos_embed
+from raddino.interop.source import HF_MODEL_TYPES, RADDINO_FORMAT, transformers_interpolation_rule
+from raddino.models.vit import ARCHS, POS_EMBED_INTERP, VisionTransformer, interpolate_patch_pos_embed
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,9 @@ class Written:
 
     files: list[str]
     usage: str
-    interpolation: str
+    library: str  # who runs the export, as the card names it
+    rule: str  # the interpolation rule that library applies to the stored grid
+    interpolation: str = ""
     model_lines: list[str] = field(default_factory=list)
 
 
@@ -152,18 +156,129 @@ def _with_layerscale(state: dict[str, Tensor], spec: BackboneSpec) -> dict[str, 
     return out
 
 
-def _interp_sentence(spec: BackboneSpec, target_rule: str | None, library: str) -> str:
-    stored = f"At {spec.img_size} px (the stored {spec.grid}x{spec.grid} grid) the features are raddino's exactly."
-    if target_rule == spec.pos_embed_interp:
-        return (
-            f"{stored} At every other size {library} interpolates with the same rule as raddino "
-            f"('{spec.pos_embed_interp}'), so the features stay identical."
+def library_rule(fmt: str, spec: BackboneSpec) -> str:
+    """The rule the library that runs ``fmt`` interpolates the stored grid with (transformers: the installed
+    release's, probed; timm: ``dinov2_reg`` for every ViT; raddino and Meta's code: the model's own)."""
+    if fmt == "timm":
+        return "dinov2_reg"
+    if fmt == "hf":
+        model_type = "dinov2_with_registers" if spec.num_registers else "dinov2"
+        return transformers_interpolation_rule(model_type) or HF_MODEL_TYPES[model_type]
+    return spec.pos_embed_interp
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """Max |difference| of the CLS and patch tokens at one input size (``size`` px squares)."""
+
+    size: int
+    cls: float
+    patch: float
+
+
+def deviation_input(size: int) -> Tensor:
+    """The input the card's numbers are measured on: one ``3 x size x size`` N(0, 1) image seeded with ``size``."""
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(size))
+
+
+def _vit(state: dict[str, Tensor], spec: BackboneSpec, rule: str) -> VisionTransformer:
+    """raddino's ViT holding ``state`` with its grid interpolated by ``rule`` (a target library's, or the model's)."""
+    with torch.random.fork_rng(devices=[]):  # initialisation draws from the default generator: leave it as it was
+        model = VisionTransformer(
+            img_size=spec.img_size,
+            patch_size=spec.patch_size,
+            embed_dim=spec.embed_dim,
+            depth=spec.depth,
+            num_heads=spec.num_heads,
+            mlp_ratio=ARCHS[spec.arch].mlp_ratio if spec.arch in ARCHS else 4.0,
+            swiglu=spec.swiglu,
+            num_registers=spec.num_registers,
+            layerscale=1.0 if spec.layerscale else None,
+            pos_embed_interp=rule,
         )
-    return (
-        f"{stored} raddino interpolates the grid for other sizes with the '{spec.pos_embed_interp}' rule, {library} "
-        f"with '{target_rule}', so features at other sizes differ slightly; re-export with `--img-size N` for exact "
-        f"features at N px."
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) - {"mask_token"} or unexpected:  # the mask token only enters masked (training) forwards
+        raise ValueError(f"backbone state does not fit its spec: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def deviation_sizes(*, spec: BackboneSpec, stored: BackboneSpec, inputs: InputSpec) -> list[int]:
+    """Sizes the card reports: the declared input size, the model's and the stored grid's sizes, and 7 patches (98 px
+    at patch 14, a local-crop size)."""
+    sizes = {spec.img_size, stored.img_size, 7 * spec.patch_size}
+    if inputs.size % spec.patch_size == 0:
+        sizes.add(inputs.size)
+    return sorted(sizes)
+
+
+def measure_deviation(
+    *,
+    state: dict[str, Tensor],
+    spec: BackboneSpec,
+    stored_state: dict[str, Tensor],
+    stored: BackboneSpec,
+    rule: str,
+    sizes: list[int],
+) -> list[Deviation]:
+    """Tokens of the model as raddino runs it (``state`` on its own grid, its own rule) against the exported weights
+    (``stored_state``) interpolated with the target library's ``rule``, on :func:`deviation_input` at each size.
+    Computed in raddino: the libraries' forwards equal raddino's ViT under their rule (checked in the tests)."""
+    reference, exported = _vit(state, spec, spec.pos_embed_interp), _vit(stored_state, stored, rule)
+    out = []
+    with torch.no_grad():
+        for size in sizes:
+            x = deviation_input(size)
+            ref, got = reference.forward_features(x), exported.forward_features(x)
+            out.append(
+                Deviation(
+                    size=size,
+                    cls=(ref.cls - got.cls).abs().max().item(),
+                    patch=(ref.patch - got.patch).abs().max().item(),
+                )
+            )
+    return out
+
+
+def _interp_sentence(
+    spec: BackboneSpec,
+    rule: str,
+    library: str,
+    *,
+    model: BackboneSpec | None = None,
+    declared: int | None = None,
+    deviations: list[Deviation] | None = None,
+) -> str:
+    """The card's statement: ``spec`` is the stored grid, ``model`` the model's own (default: the same)."""
+    model = model or spec
+    stored = f"The position grid is stored at {spec.grid}x{spec.grid} ({spec.img_size} px)"
+    if spec.img_size != model.img_size:
+        stored += f", resampled once with the model's '{model.pos_embed_interp}' rule from its own {model.img_size} px"
+    stored += f"; {library} interpolates it for other sizes with the '{rule}' rule"
+    stored += (
+        ", the model's own." if rule == model.pos_embed_interp else f" (raddino's model: '{model.pos_embed_interp}')."
     )
+    if rule == model.pos_embed_interp and spec.img_size == model.img_size:
+        where = "at every input size"
+    else:
+        where = f"at {spec.img_size} px"
+        if declared == spec.img_size:
+            where += " (the input size the preprocessing declares)"
+    text = [f"{stored} The features are raddino's exactly {where}."]
+    if where != "at every input size":
+        text.append("Re-export with `--img-size N` for exact features at N px.")
+    if deviations:
+        text += [
+            "",
+            f"Measured at export time: max |difference| between raddino's ViT as trained ({model.img_size} px grid, "
+            f"'{model.pos_embed_interp}' rule) and the exported weights under {library}'s '{rule}' rule, computed in "
+            f"raddino with that rule (`raddino.models.vit.POS_EMBED_INTERP`; raddino's tests check it against the "
+            f"library itself), on one seeded N(0, 1) image per size (`raddino.interop.export.deviation_input`):",
+            "",
+            "| input | CLS token | patch tokens |",
+            "|---|---|---|",
+        ]
+        text += [f"| {d.size} px | {d.cls:.3e} | {d.patch:.3e} |" for d in deviations]
+    return "\n".join(text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,7 +310,8 @@ Command line: `raddino eval --backbone ours:{name} ...`; continue pretraining wi
     return Written(
         files=["backbone.safetensors", "config.yaml", "config.json"],
         usage=usage,
-        interpolation=_interp_sentence(spec, spec.pos_embed_interp, "raddino"),
+        library="raddino",
+        rule=spec.pos_embed_interp,
     )
 
 
@@ -266,7 +382,8 @@ Inputs: {inputs.size} px, mean {list(inputs.mean)}, std {list(inputs.std)} (gray
     return Written(
         files=["model.safetensors", "config.json"],
         usage=usage,
-        interpolation=_interp_sentence(spec, "dinov2_reg", "timm (`dynamic_img_size`)"),
+        library="timm (`dynamic_img_size`)",
+        rule=library_rule("timm", spec),
     )
 
 
@@ -332,7 +449,6 @@ def _write_hf(
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(inputs), indent=2) + "\n")
     model_class = cfg["architectures"][0]
-    rule = "dinov2_reg" if spec.num_registers else "hf"
     usage = f"""
 ```python
 from transformers import AutoImageProcessor, AutoModel
@@ -346,12 +462,8 @@ cls, patches = outputs.pooler_output, outputs.last_hidden_state[:, {1 + spec.num
     return Written(
         files=["model.safetensors", "config.json", "preprocessor_config.json"],
         usage=usage,
-        interpolation=_interp_sentence(spec, rule, f"transformers' {model_class}")
-        + (
-            ""
-            if spec.num_registers
-            else " (Older transformers releases interpolate Dinov2Model with Meta's 'dinov2' rule instead.)"
-        ),
+        library=f"transformers' {model_class}",
+        rule=library_rule("hf", spec),  # the installed release's (older Dinov2Model releases used Meta's rule)
     )
 
 
@@ -422,7 +534,8 @@ Constructor arguments for `dinov2.models.vision_transformer.DinoVisionTransforme
     return Written(
         files=["backbone.safetensors", "backbone.pth", "config.json"],
         usage=usage,
-        interpolation=_interp_sentence(spec, spec.pos_embed_interp, "Meta's code (with the arguments above)"),
+        library="Meta's code (with the arguments above)",
+        rule=spec.pos_embed_interp,
     )
 
 
@@ -452,6 +565,7 @@ def write_export(
         raise RaddinoError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     state = {k: v.float() for k, v in state.items()}
     written = _WRITERS[fmt](out, state, spec, inputs, config, name or out.name)
+    written.interpolation = _interp_sentence(spec, written.rule, written.library, declared=inputs.size)
     for module, head in (heads or {}).items():
         (out / "heads").mkdir(exist_ok=True)
         write_safetensors(
@@ -477,6 +591,51 @@ def write_export(
     return written
 
 
+def export_backbone(
+    out: Path,
+    *,
+    fmt: str,
+    state: dict[str, Tensor],
+    spec: BackboneSpec,
+    inputs: InputSpec,
+    config: DictConfig,
+    heads: dict[str, dict[str, Tensor]] | None = None,
+    name: str | None = None,
+    img_size: int | None = None,
+) -> Written:
+    """:func:`write_export` with the grid stored where the target library is exact for its users, and the card's
+    interpolation statement measured.
+
+    ``img_size`` (None): the declared input size ``inputs.size`` when the library's rule is not the model's (so at
+    that size the library does not interpolate; a size that is no multiple of the patch keeps the model's grid),
+    otherwise the model's own grid. The deviation from the model as raddino runs it is measured at
+    :func:`deviation_sizes`.
+    """
+    if fmt not in _WRITERS:
+        raise RaddinoError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    state = {k: v.float() for k, v in state.items()}
+    rule = library_rule(fmt, spec)
+    if img_size is None:
+        differs = rule != spec.pos_embed_interp and inputs.size % spec.patch_size == 0
+        img_size = inputs.size if differs else spec.img_size
+    stored_state, stored = restore_grid(state, spec, img_size)
+    written = write_export(
+        out, fmt=fmt, state=stored_state, spec=stored, inputs=inputs, config=config, heads=heads, name=name
+    )
+    deviations = measure_deviation(
+        state=state,
+        spec=spec,
+        stored_state=stored_state,
+        stored=stored,
+        rule=written.rule,
+        sizes=deviation_sizes(spec=spec, stored=stored, inputs=inputs),
+    )
+    written.interpolation = _interp_sentence(
+        stored, written.rule, written.library, model=spec, declared=inputs.size, deviations=deviations
+    )
+    return written
+
+
 def _last_metrics(run_dir: Path) -> dict | None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -499,11 +658,11 @@ def _eval_sections(run_dir: Path, eval_dirs: list[Path]) -> list[tuple[str, str]
     return sections
 
 
-def _prepare_out(out: Path, run_dir: Path, *, overwrite: bool) -> Path:
+def _prepare_out(out: Path, run_dir: Path, *, overwrite: bool, what: str = "a run directory") -> Path:
     out = out.expanduser()
     resolved, run = out.resolve(), run_dir.resolve()
     if resolved == run or run.is_relative_to(resolved) or is_run_dir(out):
-        raise RaddinoError(f"--out {out} would overwrite a run directory; choose a new directory")
+        raise RaddinoError(f"--out {out} would overwrite {what}; choose a new directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise RaddinoError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
     tmp = out.parent / f".tmp-export-{out.name}"
@@ -511,6 +670,13 @@ def _prepare_out(out: Path, run_dir: Path, *, overwrite: bool) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the finished temporary directory (a rename: ``out`` is never half-written)."""
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def export_run(
@@ -537,9 +703,6 @@ def export_run(
     teacher = read_run_teacher(run_dir, checkpoint=checkpoint)
     cfg = teacher.config
     spec = spec_from_state(teacher.backbone, arch=cfg.model.arch, pos_embed_interp=teacher.pos_embed_interp)
-    state = teacher.backbone
-    if img_size is not None:
-        state, spec = restore_grid(state, spec, img_size)
     inputs = InputSpec(
         size=int(cfg.crops.global_size),
         mean=tuple(float(v) for v in cfg.crops.mean),
@@ -549,8 +712,16 @@ def export_run(
     tmp = _prepare_out(out, run_dir, overwrite=overwrite)
     try:
         heads = teacher.heads if with_heads else None
-        written = write_export(
-            tmp, fmt=fmt, state=state, spec=spec, inputs=inputs, config=cfg, heads=heads, name=out.name
+        written = export_backbone(
+            tmp,
+            fmt=fmt,
+            state=teacher.backbone,
+            spec=spec,
+            inputs=inputs,
+            config=cfg,
+            heads=heads,
+            name=out.name,
+            img_size=img_size,
         )
         derived_file = run_dir / "derived.json"
         facts = CardFacts(
@@ -568,9 +739,7 @@ def export_run(
             files=[*written.files, "README.md"],
         )
         (tmp / "README.md").write_text(render(facts))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -578,3 +747,94 @@ def export_run(
     return ExportResult(
         out=out, format=fmt, step=teacher.step, checkpoint=teacher.checkpoint, files=[*written.files, "README.md"]
     )
+
+
+def convert_source(
+    source: str | Path,
+    *,
+    fmt: str,
+    out: str | Path,
+    img_size: int | None = None,
+    input_size: int | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Write a pretrained backbone (anything :func:`raddino.interop.source.read_source` reads) as ``fmt`` into
+    ``out``, without training; heads are not converted.
+
+    The preprocessing the export declares (timm ``pretrained_cfg``, HF ``preprocessor_config.json``, the card) is
+    ``input_size`` px (default: the source's stored grid size) with ImageNet mean / std (raddino's default
+    ``crops``); the grid is stored as :func:`export_backbone` decides (``img_size`` overrides).
+
+    Raises:
+        RaddinoError: missing or unreadable source, a source without a known head count, the safetensors format for a
+            non-standard width / depth, ``out`` not empty without ``overwrite``.
+    """
+    from raddino.config import load_config
+    from raddino.interop.source import read_source
+
+    if fmt not in EXPORT_FORMATS:
+        raise RaddinoError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    out = Path(out)
+    src = read_source(source)
+    info = src.info
+    if info.num_heads is None:
+        raise RaddinoError(f"{source}: the number of attention heads is unknown (no config and no standard size)")
+    if fmt == "safetensors" and info.arch is None:
+        raise RaddinoError(
+            f"{source}: width {info.embed_dim} / depth {info.depth} is no raddino model.arch, which the safetensors "
+            "format's config.yaml needs; convert to timm, hf or dinov2 instead"
+        )
+    spec = BackboneSpec(
+        arch=info.arch or "custom",  # a non-standard size: the writers use the explicit widths
+        embed_dim=info.embed_dim,
+        depth=info.depth,
+        num_heads=info.num_heads,
+        patch_size=info.patch_size,
+        img_size=info.img_size,
+        num_registers=info.num_registers,
+        swiglu=info.swiglu,
+        layerscale=info.layerscale,
+        pos_embed_interp=info.pos_embed_interp,
+    )
+    defaults = load_config()
+    inputs = InputSpec(
+        size=input_size or info.img_size,
+        mean=tuple(float(v) for v in defaults.crops.mean),
+        std=tuple(float(v) for v in defaults.crops.std),
+    )
+    # the raddino config a safetensors export carries (``ours:DIR``, ``model.init_from``): this backbone, these inputs
+    overrides = [f"crops.global_size={inputs.size}", f"model.pos_embed_interp={info.pos_embed_interp}"]
+    if info.arch is not None:
+        overrides += [
+            f"model.arch={info.arch}",
+            f"model.patch_size={info.patch_size}",
+            f"model.img_size={info.img_size}",
+            f"model.num_registers={info.num_registers}",
+            f"model.layerscale={defaults.model.layerscale if info.layerscale else 'null'}",
+        ]
+    config = load_config(overrides=overrides)
+    source_path = Path(str(source)).expanduser()
+    tmp = _prepare_out(out, source_path, overwrite=overwrite, what="the source")
+    try:
+        written = export_backbone(
+            tmp, fmt=fmt, state=src.backbone, spec=spec, inputs=inputs, config=config, name=out.name, img_size=img_size
+        )
+        facts = CardFacts(
+            title=f"{out.name}: ViT-{spec.arch}/{spec.patch_size} ({fmt}, converted by raddino)",
+            fmt=fmt,
+            model_lines=written.model_lines,
+            usage=written.usage,
+            interpolation=written.interpolation,
+            step=0,
+            checkpoint="",
+            config=config,
+            origin=f"`{source}` ({info.describe()})",
+            files=[*written.files, "README.md"],
+        )
+        (tmp / "README.md").write_text(render(facts))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("converted %s as %s to %s", source, fmt, out)
+    return ExportResult(out=out, format=fmt, step=0, checkpoint=source_path, files=[*written.files, "README.md"])

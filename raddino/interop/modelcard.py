@@ -30,6 +30,7 @@ class CardFacts:
     last_metrics: dict | None = None
     eval_sections: list[tuple[str, str]] = field(default_factory=list)  # (source path, markdown)
     files: list[str] = field(default_factory=list)
+    origin: str | None = None  # `raddino convert`: the source it was converted from (no run: no training sections)
 
 
 def _manifest_paths(pattern: str) -> list[Path]:
@@ -80,16 +81,22 @@ def data_summary(config: DictConfig) -> list[str]:
 def render(facts: CardFacts) -> str:
     cfg = facts.config
     out = [f"# {facts.title}", ""]
-    out += [
-        f"Teacher backbone of a raddino pretraining run (DINOv2 recipe: DINO + iBOT + KoLeo), exported in the "
-        f"**{facts.fmt}** format at step {facts.step} (`{facts.checkpoint}`).",
-        "",
-        "## Model",
-        "",
-    ]
+    if facts.origin:
+        intro = (
+            f"Pretrained ViT backbone converted by `raddino convert` from {facts.origin} into the **{facts.fmt}** "
+            "format, without training."
+        )
+    else:
+        intro = (
+            f"Teacher backbone of a raddino pretraining run (DINOv2 recipe: DINO + iBOT + KoLeo), exported in the "
+            f"**{facts.fmt}** format at step {facts.step} (`{facts.checkpoint}`)."
+        )
+    out += [intro, "", "## Model", ""]
     out += [f"- {line}" for line in facts.model_lines]
     out += ["", "### Position embeddings at other input sizes", "", facts.interpolation, ""]
     out += ["## Usage", "", facts.usage.strip(), ""]
+    if facts.origin:
+        return "\n".join(out + ["## Files", ""] + [f"- `{name}`" for name in facts.files] + [""])
     out += ["## Training", ""]
     init_from = OmegaConf.select(cfg, "model.init_from", default=None)
     out.append(f"- initialised from: `{init_from}`" if init_from else "- initialised from: random (from scratch)")
