@@ -19,7 +19,8 @@ from raddino.build import head_from_config, meta_arch_from_config
 from raddino.commands import export as export_command
 from raddino.config import load_config
 from raddino.errors import RaddinoError
-from raddino.eval.backbones import Preprocess, build_backbone_adapter
+from raddino.eval.adapters.base import Preprocess
+from raddino.eval.adapters.registry import build_backbone_adapter
 from raddino.interop.export import BackboneSpec, InputSpec, restore_grid, write_export
 from raddino.interop.load import init_meta_arch
 from raddino.interop.modelcard import data_summary
