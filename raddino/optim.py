@@ -13,7 +13,6 @@ from torch.distributed.tensor import DTensor
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 # Position embeddings and learned tokens sit in the input layer; like biases and norms they are not decayed.
 _INPUT_LAYER = ("patch_embed.", "pos_embed", "cls_token", "reg_token", "mask_token")
-_NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "reg_token", "mask_token")
 
 
 @dataclass(frozen=True)
@@ -23,6 +22,25 @@ class ParamRule:
     lr_mult: float
     wd_mult: float
     is_last_layer: bool
+
+
+def layer_decay_lr_mult(layer_id: int, *, num_layers: int, layer_decay: float) -> float:
+    """Layer-wise lr decay: ``layer_decay ** (num_layers + 1 - layer_id)`` (input layer 0, block ``i`` -> ``i + 1``,
+    what follows the last block -> ``num_layers + 1``, which trains at the full lr)."""
+    return layer_decay ** (num_layers + 1 - layer_id)
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases, norms, layer-scale gammas, learned tokens and position embeddings are not decayed (names of any
+    backbone family: raddino / timm ``cls_token``, HF ``embeddings.cls_token``, ...)."""
+    return (
+        param.ndim <= 1
+        or name.endswith(".bias")
+        or "norm" in name
+        or ".gamma" in name
+        or "token" in name
+        or "pos_embed" in name
+    )
 
 
 def param_rule(
@@ -43,16 +61,10 @@ def param_rule(
         layer_id = int(match.group(1)) + 1
     else:
         layer_id = num_layers + 1
-    lr_mult = layer_decay ** (num_layers + 1 - layer_id)
+    lr_mult = layer_decay_lr_mult(layer_id, num_layers=num_layers, layer_decay=layer_decay)
     if short.startswith("patch_embed."):
         lr_mult *= patch_embed_lr_mult
-    no_wd = (
-        param.ndim <= 1
-        or name.endswith(".bias")
-        or "norm" in short
-        or ".gamma" in short
-        or short.startswith(_NO_WEIGHT_DECAY)
-    )
+    no_wd = no_weight_decay(short, param)
     return ParamRule(lr_mult=lr_mult, wd_mult=0.0 if no_wd else 1.0, is_last_layer="last_layer" in name)
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from raddino.data.augment import EvalTransform
 from raddino.data.sources import ImageSource, SyntheticSource
+from raddino.eval.adapters.base import Preprocess
 from raddino.eval.linear import linear_probe
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def embed(backbone: nn.Module, views: torch.Tensor, *, batch_size: int = 256) ->
     return torch.cat(feats).numpy()
 
 
-def views_and_labels(source: ImageSource, transform: EvalTransform) -> tuple[torch.Tensor, np.ndarray]:
+def views_and_labels(source: ImageSource, transform: Preprocess) -> tuple[torch.Tensor, np.ndarray]:
     """Every image of ``source`` once: its evaluation view ``(N, 3, H, W)`` and its label ``(N,)``."""
     views, labels = [], []
     for i in range(len(source)):
@@ -67,7 +67,7 @@ class ProbeReport:
 def compare_backbones(
     *,
     backbones: dict[str, nn.Module],
-    transform: EvalTransform,
+    transform: Preprocess,
     image_size: int,
     splits: dict[str, tuple[int, int]],
     include_raw_pixels: bool = True,

@@ -20,6 +20,14 @@ def cosine(
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_cosine(step: int, *, peak: float, total_steps: int, warmup_steps: int) -> float:
+    """Fine-tuning's lr: linear warmup that counts the current step (step 0 at ``peak / warmup_steps``, the last
+    warmup step at ``peak``), then :func:`cosine` from ``peak`` towards 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return cosine(step, start=peak, end=0.0, total_steps=total_steps, warmup_steps=warmup_steps)
+
+
 def linear_warmup(step: int, *, start: float, end: float, warmup_steps: int) -> float:
     """Linear from ``start`` to ``end`` over ``warmup_steps``, then constant ``end`` (teacher temperature)."""
     if step >= warmup_steps:

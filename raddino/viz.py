@@ -61,7 +61,7 @@ def collect_images(inputs: Sequence[str | Path], *, max_images: int | None = Non
 def load_teacher(path: str | Path, *, size: int, checkpoint: str | None = None):
     """``(OursBackbone, source, step)`` for a run directory (its teacher, via :func:`read_run_teacher`) or an
     exported directory (``config.yaml`` + one ``*.safetensors``), with the eval preprocessing at ``size`` px."""
-    from raddino.eval.ours import build_ours
+    from raddino.eval.adapters.ours import build_ours
     from raddino.interop.runs import is_run_dir, read_run_teacher
 
     directory = Path(path).expanduser()

@@ -12,7 +12,6 @@ from PIL import Image
 
 import raddino  # noqa: F401  (torchvision shim before torchvision.transforms is imported below)
 from raddino.data.augment import (
-    EvalTransform,
     Jitter,
     MultiCropAugmentation,
     gaussian_blur,
@@ -325,12 +324,15 @@ def test_augmentation_rejects_bad_input():
         _no_jitter(interpolation="nearest")
 
 
-def test_eval_transform_matches_resize_then_center_crop():
+def test_eval_view_matches_resize_then_center_crop():
+    # the demo / probe evaluation view is the eval adapters' Preprocess (gray: pretraining's single channel)
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as tvf
 
+    from raddino.eval.adapters.base import Preprocess
+
     image = synthetic_cxr(6, seed=0, size=100)[0][:, 20:80]  # tall 100x60: shorter side 60 -> 30, scale 2
-    out = EvalTransform(size=30, mean=MEAN, std=STD)(image)
+    out = Preprocess(size=30, mean=MEAN, std=STD, gray=True)(image)
     assert out.shape == (3, 30, 30) and out.dtype == torch.float32
     ref = tvf.center_crop(tvf.resize(Image.fromarray(image), 30, InterpolationMode.BICUBIC), 30)
     ref = torch.from_numpy(np.asarray(ref, np.float32) / 255)
@@ -339,11 +341,47 @@ def test_eval_transform_matches_resize_then_center_crop():
     banded = np.zeros((100, 60), np.uint8)  # bright bands above and below the central 60x60 square are cut off
     banded[:20] = 255
     banded[80:] = 255
-    out = EvalTransform(size=30, mean=MEAN, std=STD)(banded)
+    out = Preprocess(size=30, mean=MEAN, std=STD, gray=True)(banded)
     torch.testing.assert_close(out[0, 2:-2], torch.full((26, 30), (0 - MEAN[0]) / STD[0]), atol=1e-5, rtol=0)
     ramp = np.tile(np.linspace(0, 65535, 50).astype(np.uint16), (50, 1))
-    out16 = EvalTransform(size=50)(ramp)  # same size: values pass through at 16-bit precision
+    out16 = Preprocess(size=50, gray=True)(ramp)  # same size: values pass through at 16-bit precision
     torch.testing.assert_close(out16[0] * STD[0] + MEAN[0], torch.from_numpy(ramp / 65535.0).float(), atol=1e-4, rtol=0)
+
+
+def _former_eval_transform(image: np.ndarray, *, size: int, mean, std) -> torch.Tensor:
+    """The demo / probe view as ``data.augment.EvalTransform`` computed it before it was replaced by Preprocess."""
+    scale = np.float32(1.0 / np.iinfo(image.dtype).max)
+    pil = Image.fromarray(image.astype(np.float32) * scale, mode="F")
+    side = min(pil.width, pil.height)
+    left, top = (pil.width - side) // 2, (pil.height - side) // 2
+    crop = pil.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+    gray = torch.from_numpy(np.clip(np.asarray(crop, dtype=np.float32), 0.0, 1.0)).unsqueeze(0)
+    return (gray - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def _former_eval_preprocess(image: np.ndarray, *, size: int, mean, std) -> torch.Tensor:
+    """The eval adapters' gray view as it was computed before the demo shared it (``x / max``, not ``x * 1/max``)."""
+    pixels = image.astype(np.float32) / float(np.iinfo(image.dtype).max)
+    side = min(pixels.shape)
+    top, left = (pixels.shape[0] - side) // 2, (pixels.shape[1] - side) // 2
+    pil = Image.fromarray(pixels, mode="F")
+    channel = pil.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+    gray = torch.from_numpy(np.clip(np.asarray(channel, dtype=np.float32), 0.0, 1.0))
+    return (torch.stack([gray] * 3) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+@pytest.mark.parametrize(("dtype", "shape"), [(np.uint8, (100, 60)), (np.uint8, (37, 53)), (np.uint16, (32, 48))])
+def test_demo_probe_and_eval_share_one_preprocessing(dtype, shape):
+    from raddino.eval.adapters.base import Preprocess
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    out = Preprocess(size=30, mean=mean, std=std, gray=True)(image)
+    # `raddino eval` features are bit-identical to before (the feature cache stays valid) ...
+    assert torch.equal(out, _former_eval_preprocess(image, size=30, mean=mean, std=std))
+    # ... and the demo / probe view differs from its former one only by float32 rounding of the [0, 1] scaling
+    torch.testing.assert_close(out, _former_eval_transform(image, size=30, mean=mean, std=std), atol=2e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------------ masks

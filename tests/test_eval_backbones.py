@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from raddino.errors import RaddinoError
-from raddino.eval.backbones import FEATURE_PROTOCOLS, Preprocess, build_backbone_adapter, layer_index, parse_spec
+from raddino.eval.adapters.base import FEATURE_PROTOCOLS, Preprocess, layer_index
+from raddino.eval.adapters.registry import build_backbone_adapter, parse_spec
 
 
 def _batch(backbone, n: int = 2) -> torch.Tensor:
@@ -245,3 +246,19 @@ def test_pixels_baseline_linear_probe_beats_chance_on_a_planted_signal(tmp_path:
     (record,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert record["backbone"] == "pixels:16" and record["features"] == "cls"
     assert record["metrics"]["auroc"] > 0.9 and record["ci"]["auroc"][0] > 0.75
+
+
+def test_one_weights_reader_unwraps_training_wrappers(tmp_path: Path):
+    # The adapters read weights through interop.files (the one reader): a torch file's state_dict / model / teacher
+    # wrapper is unwrapped as the adapters' former reader did; safetensors names are kept as written.
+    from safetensors.torch import save_file
+
+    from raddino.interop.files import read_state_dict
+
+    weight = torch.arange(6.0).reshape(2, 3)
+    torch.save({"model": {"fc.weight": weight}, "epoch": 3}, tmp_path / "wrapped.pth")
+    assert set(read_state_dict(tmp_path / "wrapped.pth")) == {"fc.weight"}
+    torch.save({"state_dict": {"teacher": {"fc.weight": weight}}}, tmp_path / "nested.pt")
+    assert torch.equal(read_state_dict(tmp_path / "nested.pt")["fc.weight"], weight)
+    save_file({"model.fc.weight": weight}, str(tmp_path / "plain.safetensors"))
+    assert set(read_state_dict(tmp_path / "plain.safetensors")) == {"model.fc.weight"}

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from raddino.eval.backbones import Backbone, Preprocess, Tokens
+from raddino.eval.adapters.base import Backbone, Preprocess, Tokens
 from raddino.eval.datasets import ArrayImages
 from raddino.eval.features import compute_features, extract_features
 

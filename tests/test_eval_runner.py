@@ -11,7 +11,7 @@ import torch
 
 from raddino.cli import main
 from raddino.errors import RaddinoError
-from raddino.eval.backbones import build_backbone_adapter
+from raddino.eval.adapters.registry import build_backbone_adapter
 from raddino.eval.finetune import TrainSchedule, param_groups, train_linear_head
 from raddino.eval.runner import read_records
 from raddino.eval.suite import load_suite, suite_from_dict
@@ -186,3 +186,59 @@ def test_runner_multilabel_and_regression_csv(tmp_path: Path):
     assert by_key[("age", "linear")].metrics["r2"] > 0.3
     write_report(records, tmp_path / "out", title="csv")
     assert "age (r2)" in (tmp_path / "out" / "results.md").read_text()
+
+
+def _former_finetune_groups(
+    head, backbone, *, layer_decay: float, weight_decay: float
+) -> dict[int, tuple[float, float]]:
+    """Fine-tuning's parameter rules as eval/finetune.py stated them before it used raddino.optim: id -> (lr_mult,
+    weight_decay)."""
+    import re
+
+    patterns = (r"(?:^|\.)blocks\.(\d+)\.", r"(?:^|\.)layer(\d)\.")  # the ViT blocks / ResNet stages tested here
+    inputs = re.compile(r"(?:^|\.)(patch_embed|pos_embed|cls_token|reg_token|conv1|bn1)(?:\.|$)")
+
+    def index(name: str) -> int | None:
+        if match := re.search(patterns[0], name):
+            return int(match.group(1)) + 1
+        if match := re.search(patterns[1], name):
+            return int(match.group(1))
+        return 0 if inputs.search(name) else None
+
+    def no_decay(name: str, param) -> bool:
+        return param.ndim <= 1 or name.endswith(".bias") or "norm" in name or "token" in name or "pos_embed" in name
+
+    out = {id(p): (1.0, 0.0 if no_decay(n, p) else weight_decay) for n, p in head.named_parameters()}
+    depth = max((i for n, _ in backbone.named_parameters() if (i := index(n)) is not None), default=0)
+    for name, param in backbone.named_parameters():
+        i = index(name)
+        i = depth + 1 if i is None else i
+        out[id(param)] = (layer_decay ** (depth + 1 - i), 0.0 if no_decay(name, param) else weight_decay)
+    return out
+
+
+@pytest.mark.parametrize(("spec", "width"), [("timm:vit_tiny_patch16_224", 192), ("timm:resnet18", 512)])
+def test_finetune_groups_from_optim_rules_match_the_former_rules(spec: str, width: int):
+    backbone = build_backbone_adapter(spec, random_init=True, img_size=32)
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(width), torch.nn.Linear(width, 2))
+    groups = param_groups(head=head, backbone=backbone.model, layer_decay=0.65, weight_decay=0.05)
+    got = {id(p): (g["lr_mult"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert got == _former_finetune_groups(head, backbone.model, layer_decay=0.65, weight_decay=0.05)
+
+
+def test_finetune_lr_schedule_matches_the_former_formula():
+    import math
+
+    from raddino.schedules import warmup_cosine
+
+    def former(step: int, total: int, *, peak: float, warmup: int) -> float:
+        if step < warmup:
+            return peak * (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    for total, warmup, peak in [(100, 10, 1e-3), (37, 0, 3e-4), (1, 0, 0.1), (50, 49, 2.5e-5), (7, 3, 1e-3)]:
+        for step in range(total):
+            assert warmup_cosine(step, peak=peak, total_steps=total, warmup_steps=warmup) == former(
+                step, total, peak=peak, warmup=warmup
+            )

@@ -23,7 +23,8 @@ from raddino.commands import convert as convert_command
 from raddino.commands import export as export_command
 from raddino.config import load_config
 from raddino.errors import RaddinoError
-from raddino.eval.backbones import Preprocess, build_backbone_adapter
+from raddino.eval.adapters.base import Preprocess
+from raddino.eval.adapters.registry import build_backbone_adapter
 from raddino.interop.export import (
     BackboneSpec,
     InputSpec,

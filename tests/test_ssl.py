@@ -134,14 +134,16 @@ def test_no_masks_gives_zero_ibot_but_still_backprops():
 def test_demo_probe_table_compares_backbones_and_raw_pixels():
     """The demo's probe: one row per backbone plus raw pixels, AUROCs in [0, 1], a markdown table."""
     from raddino.build import backbone_from_config
-    from raddino.data.augment import EvalTransform
+    from raddino.eval.adapters.base import Preprocess
     from raddino.probe import compare_backbones
 
     cfg = load_config("tiny_cpu", TINY)
     torch.manual_seed(0)
     report = compare_backbones(
         backbones={"random init": backbone_from_config(cfg.model)},
-        transform=EvalTransform(size=cfg.crops.global_size, mean=tuple(cfg.crops.mean), std=tuple(cfg.crops.std)),
+        transform=Preprocess(
+            size=cfg.crops.global_size, mean=tuple(cfg.crops.mean), std=tuple(cfg.crops.std), gray=True
+        ),
         image_size=32,
         splits={"train": (40, 1), "val": (30, 2), "test": (40, 3)},
         cs=(0.1, 1.0),

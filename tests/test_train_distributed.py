@@ -22,7 +22,7 @@ from test_train import MICRO, SMALL
 from raddino.checkpoint import CheckpointManager
 from raddino.cli import main
 from raddino.config import ConfigError, batch_split, load_config
-from raddino.eval.ours import build_ours
+from raddino.eval.adapters.ours import build_ours
 from raddino.interop.files import read_tensors
 from raddino.interop.runs import read_run_teacher
 from raddino.train import build_training, fit

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from raddino.build import backbone_from_config
     from raddino.config import load_config
-    from raddino.data.augment import EvalTransform
+    from raddino.eval.adapters.base import Preprocess
     from raddino.probe import compare_backbones
     from raddino.train import build_training, fit
 
@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     random_init = backbone_from_config(cfg.model)
     report = compare_backbones(
         backbones={"pretrained teacher": training.model.teacher["backbone"], "random init": random_init},
-        transform=EvalTransform(size=cfg.crops.global_size, mean=tuple(cfg.crops.mean), std=tuple(cfg.crops.std)),
+        transform=Preprocess(
+            size=cfg.crops.global_size, mean=tuple(cfg.crops.mean), std=tuple(cfg.crops.std), gray=True
+        ),
         image_size=cfg.data.synthetic_size,
         splits=_PROBE_SPLITS,
         cs=_PROBE_CS,

@@ -278,33 +278,3 @@ class MultiCropAugmentation:
         for ch in range(3):
             np.multiply(values, self.inv_std[ch], out=out[ch])
             out[ch] -= self.mean[ch] * self.inv_std[ch]
-
-
-class EvalTransform:
-    """Deterministic evaluation view: the central square, resized to ``size`` (shorter side resize + center crop).
-
-    ``__call__(image (H, W) uint8 | uint16) -> (3, size, size)`` float32 tensor, normalised with ``mean``/``std``.
-    """
-
-    def __init__(
-        self,
-        size: int,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-    ) -> None:
-        if size <= 0:
-            raise RaddinoError(f"eval size must be positive, got {size}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise RaddinoError(f"mean and std need 3 values each with std > 0, got mean={mean}, std={std}")
-        self.size = size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def __call__(self, image: np.ndarray) -> Tensor:
-        pil = _as_pil(image)
-        side = min(pil.width, pil.height)
-        left, top = (pil.width - side) // 2, (pil.height - side) // 2
-        crop = pil.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + side, top + side))
-        values = np.clip(np.asarray(crop, dtype=np.float32), 0.0, 1.0)  # bicubic overshoots
-        gray = torch.from_numpy(values).unsqueeze(0)
-        return (gray - self.mean) / self.std

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from raddino.eval.backbones import build_backbone_adapter
+from raddino.eval.adapters.registry import build_backbone_adapter
 from raddino.eval.datasets import SPLITS, DatasetSpec, load_dataset
 from raddino.eval.features import compute_features
 from raddino.eval.linear import linear_probe

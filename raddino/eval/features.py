@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from raddino.errors import RaddinoError
-from raddino.eval.backbones import Backbone, Preprocess
+from raddino.eval.adapters.base import Backbone, Preprocess
 from raddino.eval.datasets import ImageList
 from raddino.io import atomic_path, atomic_write_text
 

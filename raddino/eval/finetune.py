@@ -29,10 +29,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from raddino.errors import RaddinoError
-from raddino.eval.backbones import Backbone, Preprocess, layer_index, torch_seed
+from raddino.eval.adapters.base import Backbone, Preprocess, layer_index, torch_seed
 from raddino.eval.datasets import EvalSplit
 from raddino.eval.linear import ProbeResult
 from raddino.eval.metrics import Task, choose_thresholds, evaluate, selection_score
+from raddino.optim import layer_decay_lr_mult, no_weight_decay
+from raddino.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +126,6 @@ def make_head(in_dim: int, out_dim: int) -> nn.Module:
     return nn.Sequential(nn.BatchNorm1d(in_dim, affine=False), linear)
 
 
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    return param.ndim <= 1 or name.endswith(".bias") or "norm" in name or "token" in name or "pos_embed" in name
-
-
 def param_groups(
     *, head: nn.Module, backbone: nn.Module | None, layer_decay: float, weight_decay: float
 ) -> list[dict[str, object]]:
@@ -140,19 +138,12 @@ def param_groups(
         for name, param in backbone.named_parameters():
             index = layers[name]
             index = depth + 1 if index is None else index
-            named.append((name, param, layer_decay ** (depth + 1 - index)))
+            named.append((name, param, layer_decay_lr_mult(index, num_layers=depth, layer_decay=layer_decay)))
     for name, param, mult in named:
         if param.requires_grad:
-            wd = 0.0 if _no_decay(name, param) else weight_decay
+            wd = 0.0 if no_weight_decay(name, param) else weight_decay
             groups.setdefault((mult, wd), []).append(param)
     return [{"params": ps, "lr_mult": m, "weight_decay": wd} for (m, wd), ps in groups.items()]
-
-
-def _lr_at(step: int, total: int, *, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class _LabelledImages(Dataset):
@@ -198,7 +189,7 @@ def _train(
         for module in fit.modules:
             module.train()
         for inputs, target in fit.train_batches():
-            lr = _lr_at(step, total, peak=schedule.lr, warmup=warmup)
+            lr = warmup_cosine(step, peak=schedule.lr, total_steps=total, warmup_steps=warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_mult"]
             inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from raddino.errors import RaddinoError
-from raddino.eval.backbones import Backbone, build_backbone_adapter
+from raddino.eval.adapters.base import Backbone
+from raddino.eval.adapters.registry import build_backbone_adapter
 from raddino.eval.datasets import SPLITS, EvalDataset, EvalSplit, label_subset, load_dataset
 from raddino.eval.features import extract_features
 from raddino.eval.finetune import finetune, train_linear_head

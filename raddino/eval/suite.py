@@ -13,7 +13,8 @@ from typing import Any
 import yaml
 
 from raddino.errors import RaddinoError
-from raddino.eval.backbones import FEATURE_PROTOCOLS, RESIZE_MODES, parse_spec
+from raddino.eval.adapters.base import FEATURE_PROTOCOLS, RESIZE_MODES
+from raddino.eval.adapters.registry import parse_spec
 from raddino.eval.datasets import DatasetSpec
 from raddino.eval.finetune import TrainSchedule
 

@@ -300,7 +300,7 @@ def _write_raddino(
     usage = f"""
 ```python
 import raddino
-from raddino.eval.backbones import build_backbone_adapter
+from raddino.eval.adapters.registry import build_backbone_adapter
 
 backbone = build_backbone_adapter("ours:{name}")  # config.yaml + backbone.safetensors
 ```

@@ -83,6 +83,25 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
     return tensors
 
 
+# Training scripts wrap the weights of a torch file in one of these entries (``{"state_dict": ...}``,
+# ``{"model": ..., "optimizer": ...}``, a DINO ``{"teacher": ...}``); a state-dict reader unwraps them in this order.
+WRAPPER_KEYS = ("state_dict", "model", "teacher")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A model's state dict from a weights file: :func:`read_tensors`, with a torch file's ``state_dict`` /
+    ``model`` / ``teacher`` wrapper entries unwrapped (safetensors names are kept as they are)."""
+    path = Path(path)
+    tensors = read_tensors(path)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return tensors
+    for key in WRAPPER_KEYS:
+        prefix = f"{key}."
+        if any(name.startswith(prefix) for name in tensors):
+            tensors = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
+    return tensors
+
+
 def read_sharded_safetensors(index_file: Path) -> dict[str, Tensor]:
     """Tensors of a sharded checkpoint (``model.safetensors.index.json`` with a ``weight_map``)."""
     try:

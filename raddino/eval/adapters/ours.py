@@ -19,7 +19,8 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from raddino.errors import RaddinoError
-from raddino.eval.backbones import Backbone, Preprocess, Tokens, read_state_dict, torch_seed
+from raddino.eval.adapters.base import Backbone, Preprocess, Tokens, torch_seed
+from raddino.interop.files import read_state_dict
 
 log = logging.getLogger(__name__)
 
