@@ -105,10 +105,10 @@ def pick(records: list[dict], *, backbone: str, features: str, fraction: float) 
     ]
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 3) -> str:
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main_table(
@@ -141,7 +141,7 @@ def main_table(
         for f in features:
             per_seed[f] += [r["metrics"]["auroc"] for r in pick(records, backbone=name, features=f, fraction=fraction)]
     if len(seeds) > 1:
-        wall = mean_std([walls[s] / 60 for s in seeds])
+        wall = mean_std([walls[s] / 60 for s in seeds], digits=1)
         lines.append(
             f"| **ours, mean ± std over {len(seeds)} seeds** | {wall} min | "
             + " | ".join(f"**{mean_std(per_seed[f])}**" if per_seed[f] else "n/a" for f in features)
