@@ -122,4 +122,4 @@ def test_pneumoniamnist_recipe_pretrains_on_train_images_only():
     assert (cfg.crops.brightness, cfg.crops.contrast) == (0.0, 0.0)
     assert cfg.teacher.temp_start == cfg.teacher.temp_end == 0.04
     d = derive(cfg, world_size=1)
-    assert d.total_steps == 600
+    assert d.total_steps == 300
