@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -12,7 +13,12 @@ import pytest
 from PIL import Image
 
 from raddino.errors import RaddinoError
-from raddino.eval.datasets import DatasetSpec, carve_validation, label_subset, load_dataset, random_splits
+from raddino.eval.datasets.base import carve_validation, label_subset, random_splits
+from raddino.eval.datasets.csv import CsvSpec
+from raddino.eval.datasets.folder import FolderSpec
+from raddino.eval.datasets.medmnist import MedmnistSpec
+from raddino.eval.datasets.registry import KINDS, load_dataset
+from raddino.eval.datasets.shards import ShardsSpec
 
 
 def _png(path: Path, value: int, size: int = 12, rgb: bool = False) -> None:
@@ -39,25 +45,25 @@ def test_medmnist_binary_multilabel_and_rgb(tmp_path: Path):
     _npz(tmp_path / "pneu.npz")
     _npz(tmp_path / "chest.npz", labels_width=14)
     _npz(tmp_path / "derma.npz", rgb=True)
-    binary = load_dataset(DatasetSpec(name="pneu", kind="medmnist", path="pneu.npz"), data_root=tmp_path)
+    binary = load_dataset(MedmnistSpec(name="pneu", path="pneu.npz"), data_root=tmp_path)
     assert binary.task == "binary" and binary.splits["train"].labels.shape == (20,)
     assert binary.splits["test"].images.load(3).shape == (8, 8)
-    chest = load_dataset(DatasetSpec(name="chest", kind="medmnist", path=str(tmp_path / "chest.npz")))
+    chest = load_dataset(MedmnistSpec(name="chest", path=str(tmp_path / "chest.npz")))
     assert chest.task == "multilabel" and chest.splits["val"].labels.shape == (20, 14)
-    derma = load_dataset(DatasetSpec(name="derma", kind="medmnist", path=str(tmp_path / "derma.npz")))
+    derma = load_dataset(MedmnistSpec(name="derma", path=str(tmp_path / "derma.npz")))
     assert derma.splits["train"].images.load(0).shape == (8, 8, 3)  # colour is kept
 
 
 def test_medmnist_errors_name_the_file_and_key(tmp_path: Path):
     with pytest.raises(RaddinoError, match="missing.npz"):
-        load_dataset(DatasetSpec(name="x", kind="medmnist", path=str(tmp_path / "missing.npz")))
+        load_dataset(MedmnistSpec(name="x", path=str(tmp_path / "missing.npz")))
     np.savez(tmp_path / "bad.npz", train_images=np.zeros((2, 4, 4), np.uint8))
     with pytest.raises(RaddinoError, match="train_labels"):
-        load_dataset(DatasetSpec(name="x", kind="medmnist", path=str(tmp_path / "bad.npz")))
+        load_dataset(MedmnistSpec(name="x", path=str(tmp_path / "bad.npz")))
 
 
 def test_real_pneumoniamnist_official_splits(pneumoniamnist: Path):
-    dataset = load_dataset(DatasetSpec(name="pneumoniamnist", kind="medmnist", path=str(pneumoniamnist)))
+    dataset = load_dataset(MedmnistSpec(name="pneumoniamnist", path=str(pneumoniamnist)))
     assert {s: len(dataset.splits[s]) for s in ("train", "val", "test")} == {"train": 4708, "val": 524, "test": 624}
     assert dataset.task == "binary"
 
@@ -71,7 +77,7 @@ def test_folder_kermany_layout_and_carved_validation(tmp_path: Path):
         for label, name in enumerate(("NORMAL", "PNEUMONIA")):
             for i in range(n):
                 _png(root / split / name / f"{i}.png", 50 + label * 100)
-    dataset = load_dataset(DatasetSpec(name="kermany", kind="folder", path=str(root), val_fraction=0.2))
+    dataset = load_dataset(FolderSpec(name="kermany", path=str(root), val_fraction=0.2))
     assert dataset.label_names == ["NORMAL", "PNEUMONIA"] and dataset.task == "binary"
     assert len(dataset.splits["val"]) == 4 and len(dataset.splits["train"]) == 16  # 20 % of each class
     assert np.bincount(dataset.splits["val"].labels).tolist() == [2, 2]
@@ -80,7 +86,7 @@ def test_folder_kermany_layout_and_carved_validation(tmp_path: Path):
     assert image.shape == (12, 12) and image[0, 0] == 50 + label * 100
     with pytest.raises(RaddinoError, match="'test' folder"):
         (root / "test").rename(tmp_path / "elsewhere")
-        load_dataset(DatasetSpec(name="kermany", kind="folder", path=str(root)))
+        load_dataset(FolderSpec(name="kermany", path=str(root)))
 
 
 # ---- CSV manifests -------------------------------------------------------------------------------------------
@@ -93,14 +99,14 @@ def test_csv_with_split_column_and_missing_column_error(tmp_path: Path):
         _png(tmp_path / "img" / f"{i}.png", i)
         rows.append(f"img/{i}.png,{i % 2},{split}")
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
-    dataset = load_dataset(DatasetSpec(name="m", kind="csv", path=str(tmp_path / "manifest.csv"), split_column="split"))
+    dataset = load_dataset(CsvSpec(name="m", path=str(tmp_path / "manifest.csv"), split_column="split"))
     assert [len(dataset.splits[s]) for s in ("train", "val", "test")] == [10, 10, 10]
     assert dataset.splits["val"].images.load(0)[0, 0] == 1  # row 1 is the first "valid" row
     with pytest.raises(RaddinoError, match="label column\\(s\\) not found: Finding"):
-        load_dataset(DatasetSpec(name="m", kind="csv", path=str(tmp_path / "manifest.csv"), label_columns=("Finding",)))
+        load_dataset(CsvSpec(name="m", path=str(tmp_path / "manifest.csv"), label_columns=("Finding",)))
     (tmp_path / "img" / "4.png").unlink()
     with pytest.raises(RaddinoError, match="4.png"):
-        load_dataset(DatasetSpec(name="m", kind="csv", path=str(tmp_path / "manifest.csv"), split_column="split"))
+        load_dataset(CsvSpec(name="m", path=str(tmp_path / "manifest.csv"), split_column="split"))
 
 
 def test_csv_nih_style_delimited_labels_split_lists_and_subfolders(tmp_path: Path):
@@ -113,9 +119,8 @@ def test_csv_nih_style_delimited_labels_split_lists_and_subfolders(tmp_path: Pat
     (tmp_path / "Data_Entry_2017.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "train_val_list.txt").write_text("\n".join(f"{i:08d}_000.png" for i in range(16)) + "\n")
     (tmp_path / "test_list.txt").write_text("\n".join(f"{i:08d}_000.png" for i in range(16, 24)) + "\n")
-    spec = DatasetSpec(
+    spec = CsvSpec(
         name="nih",
-        kind="csv",
         path="Data_Entry_2017.csv",
         path_column="Image Index",
         label_columns=("Finding Labels",),
@@ -146,9 +151,8 @@ def test_csv_chexpert_style_value_map_and_split_files(tmp_path: Path):
             _png(tmp_path / "CheXpert" / split / f"p{i}.png", i)
             lines.append(f"CheXpert/{split}/p{i}.png,Male,{values[i % 4]}")
         (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
-    spec = DatasetSpec(
+    spec = CsvSpec(
         name="chexpert",
-        kind="csv",
         split_files={"train": "train.csv", "test": "valid.csv"},
         path_column="Path",
         label_columns=("Atelectasis", "Edema"),
@@ -160,7 +164,7 @@ def test_csv_chexpert_style_value_map_and_split_files(tmp_path: Path):
     np.testing.assert_array_equal(dataset.splits["test"].labels, [[1, 0], [1, 0], [0, 1], [0, 1]])
     assert len(dataset.splits["val"]) == 2 and len(dataset.splits["train"]) == 6
     with pytest.raises(RaddinoError, match="non-numeric value ''"):
-        load_dataset(DatasetSpec(**{**spec.__dict__, "value_map": None}), data_root=tmp_path)
+        load_dataset(dataclasses.replace(spec, value_map=None), data_root=tmp_path)
 
 
 def test_csv_aggregate_rows_rsna_style(tmp_path: Path):
@@ -171,9 +175,8 @@ def test_csv_aggregate_rows_rsna_style(tmp_path: Path):
         if i % 2:
             rows.append(f"{i},10,1")  # a second box for positive patients
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    spec = DatasetSpec(
+    spec = CsvSpec(
         name="rsna",
-        kind="csv",
         path=str(tmp_path / "labels.csv"),
         path_format="{patientId}.png",
         label_columns=("Target",),
@@ -204,16 +207,51 @@ def test_shards_with_label_and_split_fields(tmp_path: Path):
     samples = [(f"{i:032x}", i, {"label": str(i % 2), "split": ("train", "val", "test")[i % 3]}) for i in range(18)]
     _write_shard(tmp_path / "shard-000000.tar", samples[:10])
     _write_shard(tmp_path / "shard-000001.tar", samples[10:])
-    dataset = load_dataset(DatasetSpec(name="s", kind="shards", path=str(tmp_path), split_column="split"))
+    dataset = load_dataset(ShardsSpec(name="s", path=str(tmp_path), split_column="split"))
     assert [len(dataset.splits[s]) for s in ("train", "val", "test")] == [6, 6, 6]
     test = dataset.splits["test"]
     for i in range(len(test)):
         value = int(test.images.load(i)[0, 0])
         assert value % 3 == 2 and test.labels[i] == value % 2
     with pytest.raises(RaddinoError, match="label column\\(s\\) not found: sex"):
-        load_dataset(DatasetSpec(name="s", kind="shards", path=str(tmp_path), label_columns=("sex",)))
+        load_dataset(ShardsSpec(name="s", path=str(tmp_path), label_columns=("sex",)))
     with pytest.raises(RaddinoError, match="shard"):
-        load_dataset(DatasetSpec(name="s", kind="shards", path=str(tmp_path / "nothing")))
+        load_dataset(ShardsSpec(name="s", path=str(tmp_path / "nothing")))
+
+
+# ---- specs ---------------------------------------------------------------------------------------------------
+
+
+def test_each_kind_has_only_its_own_fields():
+    common = {"name", "path", "task", "classes", "description"}
+    table = {"label_columns", "label_delimiter", "value_map", "split_column", "split_values", "split_lists"}
+    table |= {"group_column", "val_fraction", "split_fractions", "seed"}
+    csv_only = {"path_column", "path_format", "image_root", "search_subdirs", "split_files", "where", "aggregate_by"}
+    fields = {cls.kind: {f.name for f in dataclasses.fields(cls)} for cls, _ in KINDS.values()}
+    assert fields == {
+        "medmnist": common,
+        "folder": common | {"val_fraction", "seed"},
+        "csv": common | table | csv_only,
+        "shards": common | table,
+    }
+
+
+def test_spec_checks_per_kind():
+    with pytest.raises(RaddinoError, match="dataset k: val_fraction must be in \\(0, 1\\), got 1.5"):
+        FolderSpec(name="k", path="root", val_fraction=1.5)
+    with pytest.raises(RaddinoError, match="dataset p: unknown task 'ordinal'"):
+        MedmnistSpec(name="p", path="p.npz", task="ordinal")
+    with pytest.raises(RaddinoError, match="dataset p: set 'path'$"):
+        MedmnistSpec(name="p")
+    with pytest.raises(RaddinoError, match="set 'path' \\(or 'split_files' for a csv dataset\\)"):
+        CsvSpec(name="c")
+    assert CsvSpec(name="c", split_files={"train": "a.csv", "test": "b.csv"}).path == ""
+    with pytest.raises(RaddinoError, match="split_files keys must be train/val/test, got \\['valid'\\]"):
+        CsvSpec(name="c", split_files={"train": "a.csv", "valid": "b.csv"})
+    with pytest.raises(RaddinoError, match="split_lists keys must be train/val/test"):
+        ShardsSpec(name="s", path="s", split_lists={"dev": "d.txt"})
+    with pytest.raises(RaddinoError, match="split_fractions needs 3 positive values"):
+        ShardsSpec(name="s", path="s", split_fractions=(0.8, 0.2))
 
 
 # ---- subsets -------------------------------------------------------------------------------------------------
@@ -264,7 +302,7 @@ def test_reads_shards_written_by_the_shard_builder(tmp_path: Path):
     (tmp_path / "in.csv").write_text("\n".join(rows) + "\n")
     inputs = collect_inputs(tmp_path / "in.csv", carry=("label", "split"))
     build_shards(inputs, out_dir=tmp_path / "shards", options=PreprocessOptions(size=16), key_map=tmp_path / "k.csv")
-    dataset = load_dataset(DatasetSpec(name="s", kind="shards", path=str(tmp_path / "shards"), split_column="split"))
+    dataset = load_dataset(ShardsSpec(name="s", path=str(tmp_path / "shards"), split_column="split"))
     assert [len(dataset.splits[s]) for s in ("train", "val", "test")] == [4, 4, 4]
     assert sorted(dataset.splits["train"].labels.tolist()) == [0, 0, 1, 1]
     assert dataset.splits["test"].images.load(0).shape == (16, 16)

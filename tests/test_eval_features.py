@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from raddino.eval.adapters.base import Backbone, Preprocess, Tokens
-from raddino.eval.datasets import ArrayImages
+from raddino.eval.datasets.base import ArrayImages
 from raddino.eval.features import compute_features, extract_features
 
 

@@ -12,6 +12,10 @@ import torch
 from raddino.cli import main
 from raddino.errors import RaddinoError
 from raddino.eval.adapters.registry import build_backbone_adapter
+from raddino.eval.datasets.csv import CsvSpec
+from raddino.eval.datasets.folder import FolderSpec
+from raddino.eval.datasets.medmnist import MedmnistSpec
+from raddino.eval.datasets.shards import ShardsSpec
 from raddino.eval.finetune import TrainSchedule, param_groups, train_linear_head
 from raddino.eval.runner import read_records
 from raddino.eval.suite import load_suite, suite_from_dict
@@ -33,6 +37,39 @@ def test_suite_unknown_keys_are_named():
         suite_from_dict({"datasets": [{"name": "d", "kind": "csv", "path": "a.csv", "lable_columns": ["y"]}]}, name="x")
     with pytest.raises(RaddinoError, match="unknown protocol 'svm'"):
         suite_from_dict({"protocols": ["svm"]}, name="x")
+
+
+def test_dataset_entries_become_the_spec_of_their_kind():
+    payload = {
+        "datasets": [
+            {"name": "pneu", "kind": "medmnist", "path": "p.npz", "classes": ["normal", "pneumonia"]},
+            {"name": "kermany", "kind": "folder", "path": "chest_xray", "val_fraction": 0.2},
+            {"name": "nih", "kind": "csv", "path": "n.csv", "label_columns": "Finding Labels", "where": {"v": 1}},
+            {"name": "s", "kind": "shards", "path": "shards", "split_values": {"val": "dev"}},
+        ]
+    }
+    pneu, kermany, nih, shards = suite_from_dict(payload, name="x").datasets
+    assert pneu == MedmnistSpec(name="pneu", path="p.npz", classes=("normal", "pneumonia"))
+    assert kermany == FolderSpec(name="kermany", path="chest_xray", val_fraction=0.2)
+    assert nih == CsvSpec(name="nih", path="n.csv", label_columns=("Finding Labels",), where={"v": ("1",)})
+    assert shards == ShardsSpec(name="s", path="shards", split_values={"val": ("dev",)})
+
+
+def test_dataset_keys_are_checked_per_kind():
+    def parse(**entry):
+        return suite_from_dict({"datasets": [{"name": "d", **entry}]}, name="x")
+
+    # a csv key on a folder dataset: the message names the dataset, the kind, the key and whose key it is
+    with pytest.raises(RaddinoError, match="dataset d: unknown key\\(s\\) split_column for kind folder") as err:
+        parse(kind="folder", path="f", split_column="split")
+    assert "split_column belongs to csv / shards" in str(err.value) and "allowed: " in str(err.value)
+    with pytest.raises(RaddinoError, match="unknown key\\(s\\) aggregate_by, val_fraction for kind medmnist"):
+        parse(kind="medmnist", path="p.npz", val_fraction=0.2, aggregate_by="id")
+    with pytest.raises(RaddinoError, match="unknown key\\(s\\) where for kind shards \\(where belongs to csv;"):
+        parse(kind="shards", path="s", where={"view": ["PA"]})
+    with pytest.raises(RaddinoError, match="dataset d: unknown kind 'dicom'; expected medmnist, folder, csv, shards"):
+        parse(kind="dicom", path="x")
+    assert parse(kind="shards", path="s", split_lists={"test": "t.txt"}, group_column="patient").datasets
 
 
 def test_missing_public_dataset_names_the_file(tmp_path: Path, capsys):

@@ -68,7 +68,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _suite_from_args(args: argparse.Namespace):
     from raddino.errors import RaddinoError
-    from raddino.eval.datasets import DatasetSpec, dataset_name, infer_kind
+    from raddino.eval.datasets.base import dataset_name, infer_kind
+    from raddino.eval.datasets.registry import spec_class
     from raddino.eval.suite import BackboneEntry, Suite, load_suite
 
     suite = load_suite(args.suite) if args.suite else Suite(name="adhoc", datasets=(), backbones=())
@@ -84,8 +85,8 @@ def _suite_from_args(args: argparse.Namespace):
             if not path.exists():
                 known = f" (suite datasets: {', '.join(by_name)})" if by_name else ""
                 raise RaddinoError(f"--dataset {value}: neither a suite dataset nor an existing path{known}")
-            kind = infer_kind(path)
-            chosen.append(DatasetSpec(name=dataset_name(path), kind=kind, path=str(path.resolve())))
+            name = dataset_name(path)
+            chosen.append(spec_class(infer_kind(path), dataset=name)(name=name, path=str(path.resolve())))
         changes["datasets"] = tuple(chosen)
     if args.backbone:
         changes["backbones"] = tuple(

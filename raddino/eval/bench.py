@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from raddino.eval.adapters.registry import build_backbone_adapter
-from raddino.eval.datasets import SPLITS, DatasetSpec, load_dataset
+from raddino.eval.datasets.base import SPLITS
+from raddino.eval.datasets.medmnist import MedmnistSpec
+from raddino.eval.datasets.registry import load_dataset
 from raddino.eval.features import compute_features
 from raddino.eval.linear import linear_probe
 
@@ -53,7 +55,7 @@ def run_bench(
     batch_size: int = 256,
     num_workers: int = 0,
 ) -> BenchResult:
-    dataset = load_dataset(DatasetSpec(name="pneumoniamnist", kind="medmnist", path=str(npz)))
+    dataset = load_dataset(MedmnistSpec(name="pneumoniamnist", path=str(npz)))
     backbone = build_backbone_adapter(spec, random_init=True, img_size=img_size)
     started = time.perf_counter()
     feats = {

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from raddino.errors import RaddinoError
 from raddino.eval.adapters.base import Backbone, Preprocess
-from raddino.eval.datasets import ImageList
+from raddino.eval.datasets.base import ImageList
 from raddino.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)

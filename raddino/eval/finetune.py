@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from raddino.errors import RaddinoError
 from raddino.eval.adapters.base import Backbone, Preprocess, layer_index, torch_seed
-from raddino.eval.datasets import EvalSplit
+from raddino.eval.datasets.base import EvalSplit
 from raddino.eval.linear import ProbeResult
 from raddino.eval.metrics import Task, choose_thresholds, evaluate, selection_score
 from raddino.optim import layer_decay_lr_mult, no_weight_decay

@@ -23,7 +23,8 @@ import torch
 from raddino.errors import RaddinoError
 from raddino.eval.adapters.base import Backbone
 from raddino.eval.adapters.registry import build_backbone_adapter
-from raddino.eval.datasets import SPLITS, EvalDataset, EvalSplit, label_subset, load_dataset
+from raddino.eval.datasets.base import SPLITS, EvalDataset, EvalSplit, label_subset
+from raddino.eval.datasets.registry import load_dataset
 from raddino.eval.features import extract_features
 from raddino.eval.finetune import finetune, train_linear_head
 from raddino.eval.knn import knn_probe

@@ -15,7 +15,8 @@ import yaml
 from raddino.errors import RaddinoError
 from raddino.eval.adapters.base import FEATURE_PROTOCOLS, RESIZE_MODES
 from raddino.eval.adapters.registry import parse_spec
-from raddino.eval.datasets import DatasetSpec
+from raddino.eval.datasets.base import SpecBase
+from raddino.eval.datasets.registry import KINDS, spec_class, spec_keys
 from raddino.eval.finetune import TrainSchedule
 
 # Evaluation protocols. "linear" is logistic regression (ridge for regression targets).
@@ -59,7 +60,7 @@ class Suite:
     """A parsed suite (field meanings in ``docs/EVAL.md``)."""
 
     name: str
-    datasets: tuple[DatasetSpec, ...]
+    datasets: tuple[SpecBase, ...]  # one spec class per kind (raddino.eval.datasets.registry)
     backbones: tuple[BackboneEntry, ...]
     protocols: tuple[str, ...] = ("linear", "knn_cosine")
     features: tuple[str, ...] = ("cls",)
@@ -124,10 +125,24 @@ def _tuple(value: Any) -> tuple:
     return tuple(value) if isinstance(value, list | tuple) else (value,)
 
 
-def dataset_spec_from_dict(entry: dict[str, Any], where: str) -> DatasetSpec:
+def dataset_spec_from_dict(entry: dict[str, Any], where: str) -> SpecBase:
+    """The spec of one ``datasets:`` entry, of the class its ``kind`` names; a key of another kind (or of none) is an
+    error naming the dataset, the kind and the key."""
     if not isinstance(entry, dict) or "name" not in entry or "kind" not in entry:
         raise RaddinoError(f"{where}: each dataset needs at least 'name' and 'kind'")
-    values = dict(_strict(DatasetSpec, entry, f"{where} dataset {entry['name']}"))
+    name, kind = entry["name"], entry["kind"]
+    cls = spec_class(kind, dataset=name)
+    allowed = spec_keys(kind)
+    unknown = sorted(set(entry) - set(allowed))
+    if unknown:
+        # a key of another kind is the likely mistake (e.g. split_column on a folder dataset): say whose it is
+        owners = {key: [k for k in KINDS if key in spec_keys(k)] for key in unknown}
+        hint = "".join(f"{key} belongs to {' / '.join(kinds)}; " for key, kinds in owners.items() if kinds)
+        raise RaddinoError(
+            f"{where} dataset {name}: unknown key(s) {', '.join(unknown)} for kind {kind} "
+            f"({hint}allowed: {', '.join(allowed)})"
+        )
+    values = {k: v for k, v in entry.items() if k != "kind"}
     for key in ("label_columns", "classes", "split_fractions"):
         if key in values and values[key] is not None:
             values[key] = _tuple(values[key])
@@ -137,7 +152,7 @@ def dataset_spec_from_dict(entry: dict[str, Any], where: str) -> DatasetSpec:
         values["where"] = {k: tuple(str(x) for x in _tuple(v)) for k, v in values["where"].items()}
     if values.get("value_map"):
         values["value_map"] = {str(k): float(v) for k, v in values["value_map"].items()}
-    return DatasetSpec(**values)
+    return cls(**values)
 
 
 def backbone_from_value(value: Any, where: str) -> BackboneEntry:

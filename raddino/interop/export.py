@@ -287,7 +287,7 @@ def _interp_sentence(
 
 
 def _write_raddino(
-    out: Path, state: dict[str, Tensor], spec: BackboneSpec, inputs: InputSpec, config: DictConfig, name: str
+    out: Path, state: dict[str, Tensor], spec: BackboneSpec, inputs: InputSpec, name: str, *, config: DictConfig
 ):
     meta = {"format": RADDINO_FORMAT} | {k: str(v) for k, v in spec.as_dict().items()}
     write_safetensors(out / "backbone.safetensors", state, metadata=meta)
@@ -357,7 +357,7 @@ def timm_config(spec: BackboneSpec, inputs: InputSpec) -> dict:
 
 
 def _write_timm(
-    out: Path, state: dict[str, Tensor], spec: BackboneSpec, inputs: InputSpec, config: DictConfig, name: str
+    out: Path, state: dict[str, Tensor], spec: BackboneSpec, inputs: InputSpec, name: str
 ):
     tensors = formats.to_timm(state, no_embed_class=bool(spec.num_registers))
     write_safetensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
@@ -441,7 +441,7 @@ def hf_preprocessor_config(inputs: InputSpec) -> dict:
 
 
 def _write_hf(
-    out: Path, state: dict[str, Tensor], spec: BackboneSpec, inputs: InputSpec, config: DictConfig, name: str
+    out: Path, state: dict[str, Tensor], spec: BackboneSpec, inputs: InputSpec, name: str
 ):
     cfg = hf_config(spec)
     tensors = formats.to_hf(_with_layerscale(state, spec), swiglu=spec.swiglu)
@@ -497,7 +497,7 @@ def dinov2_constructor(spec: BackboneSpec) -> tuple[str | None, dict[str, object
 
 
 def _write_dinov2(
-    out: Path, state: dict[str, Tensor], spec: BackboneSpec, inputs: InputSpec, config: DictConfig, name: str
+    out: Path, state: dict[str, Tensor], spec: BackboneSpec, inputs: InputSpec, name: str
 ):
     tensors = formats.to_dinov2(_with_layerscale(state, spec), swiglu=spec.swiglu)
     write_safetensors(out / "backbone.safetensors", tensors, metadata={"format": "pt"})
@@ -554,17 +554,22 @@ def write_export(
     state: dict[str, Tensor],
     spec: BackboneSpec,
     inputs: InputSpec,
-    config: DictConfig,
+    config: DictConfig | None = None,
     heads: dict[str, dict[str, Tensor]] | None = None,
     name: str | None = None,
 ) -> Written:
     """Write ``state`` (raddino backbone names) in ``fmt`` into the existing directory ``out``; heads (raddino
     names) go to ``out/heads/<module>.safetensors`` in Meta's ``DINOHead`` names. ``name``: the directory name
-    the usage examples show (default ``out.name``)."""
+    the usage examples show (default ``out.name``). ``config``: the run config that ``safetensors`` exports carry
+    (``ours:DIR`` and ``model.init_from`` read it); the other formats do not use it."""
     if fmt not in _WRITERS:
         raise RaddinoError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     state = {k: v.float() for k, v in state.items()}
-    written = _WRITERS[fmt](out, state, spec, inputs, config, name or out.name)
+    if fmt == "safetensors":  # raddino's own format is the only one that carries the run's config.yaml
+        assert config is not None, "a safetensors export needs the run config"
+        written = _write_raddino(out, state, spec, inputs, name or out.name, config=config)
+    else:
+        written = _WRITERS[fmt](out, state, spec, inputs, name or out.name)
     written.interpolation = _interp_sentence(spec, written.rule, written.library, declared=inputs.size)
     for module, head in (heads or {}).items():
         (out / "heads").mkdir(exist_ok=True)
