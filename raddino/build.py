@@ -128,6 +128,9 @@ def augmentation_from_config(crops: DictConfig) -> MultiCropAugmentation:
         flip_p=crops.flip_p,
         brightness=crops.brightness,
         contrast=crops.contrast,
+        blur_sigma=tuple(crops.blur_sigma),
+        global_blur_p=tuple(crops.global_blur_p),
+        local_blur_p=crops.local_blur_p,
     )
 
 

@@ -72,6 +72,12 @@ class CropConfig:
     flip_p: float = 0.5
     brightness: float = 0.4
     contrast: float = 0.4
+    # Gaussian blur sigma range in pixels of the output crop (DINOv2: 0.1-2.0, chosen for 224-px crops; scale it with
+    # the crop size, or blur erases the fine structure small crops still have) and its probabilities: per global
+    # crop (the last value repeats; DINOv2's effective 0.0 / 0.9, see docs/AUGMENTATION.md) and per local crop.
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    global_blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1])
+    local_blur_p: float = 0.5
 
 
 @dataclass
@@ -259,6 +265,15 @@ def _validate(cfg: DictConfig) -> None:
     for key in ("crops.global_size", "crops.local_size", "model.img_size"):
         if OmegaConf.select(cfg, key) % cfg.model.patch_size:
             raise ConfigError(f"invalid config key '{key}': must be a multiple of model.patch_size")
+    lo, hi = cfg.crops.blur_sigma
+    if not 0 < lo <= hi:
+        raise ConfigError(f"invalid config key 'crops.blur_sigma': need 0 < min <= max, got [{lo}, {hi}]")
+    for key, values in (
+        ("crops.global_blur_p", list(cfg.crops.global_blur_p)),
+        ("crops.local_blur_p", [cfg.crops.local_blur_p]),
+    ):
+        if not values or not all(0 <= v <= 1 for v in values):
+            raise ConfigError(f"invalid config key '{key}': probabilities must be in [0, 1], got {values}")
     if cfg.crops.n_global < 1:
         raise ConfigError("invalid config key 'crops.n_global': need at least one global crop")
     if cfg.data.batch_size < 1:

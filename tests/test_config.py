@@ -33,6 +33,11 @@ def test_defaults_recipe_then_overrides_and_frozen():
         ("crops.global_size=50", "crops.global_size"),
         ("head.nlayers=0", "head.nlayers"),
         ("head.out_dim=0", "head.out_dim"),
+        ("crops.blur_sigma=[2.0,0.5]", "crops.blur_sigma"),
+        ("crops.blur_sigma=[0,0.5]", "crops.blur_sigma"),
+        ("crops.global_blur_p=[1.5]", "crops.global_blur_p"),
+        ("crops.global_blur_p=[]", "crops.global_blur_p"),
+        ("crops.local_blur_p=-0.1", "crops.local_blur_p"),
     ],
 )
 def test_bad_override_names_the_key(override, key):
@@ -123,3 +128,16 @@ def test_pneumoniamnist_recipe_pretrains_on_train_images_only():
     assert cfg.teacher.temp_start == cfg.teacher.temp_end == 0.04
     d = derive(cfg, world_size=1)
     assert d.total_steps == 300
+
+
+def test_blur_settings_reach_the_augmentation():
+    from raddino.build import augmentation_from_config
+
+    aug = augmentation_from_config(
+        load_config(
+            "tiny_cpu", ["crops.blur_sigma=[0.05,0.5]", "crops.global_blur_p=[0.0,0.9]", "crops.local_blur_p=0.25"]
+        ).crops
+    )
+    assert (aug.blur_sigma, aug.global_blur_p, aug.local_blur_p) == ((0.05, 0.5), (0.0, 0.9), 0.25)
+    default = augmentation_from_config(load_config("tiny_cpu", []).crops)  # DINOv2's values unless a recipe says
+    assert (default.blur_sigma, default.global_blur_p, default.local_blur_p) == ((0.1, 2.0), (1.0, 0.1), 0.5)
