@@ -16,7 +16,8 @@ EPILOG = """examples:
 Backbones: timm:NAME, hf:PATH_OR_ID, open_clip:ARCH/TAG, ours:RUN_OR_EXPORT_DIR, pixels[:SIZE] (raw pixels).
 Protocols: linear, knn_cosine, knn_euclidean, finetune_frozen, finetune_unfrozen.
 Features: cls, mean, cls_mean, dinov2_linear.
-Outputs in --out: results.jsonl, results.csv, summary.csv, results.md, plots/*.png. See docs/EVAL.md.
+Outputs in --out: results.jsonl, results.csv, summary.csv, results.md, published.csv (suites with published
+rows), plots/*.png. See docs/EVAL.md.
 """
 
 
@@ -134,7 +135,14 @@ def run(args: argparse.Namespace) -> int:
         data_root=args.data_root,
     )
     records = SuiteRunner(suite, options).run()
-    written = write_report(records, out, title=f"raddino eval: {suite.name}", plots=not args.no_plots)
+    written = write_report(
+        records,
+        out,
+        title=f"raddino eval: {suite.name}",
+        plots=not args.no_plots,
+        published=suite.published,
+        report_metrics=suite.report_metrics,
+    )
     if (out / "results.md").is_file():
         print((out / "results.md").read_text())
     print(f"{len(records)} results; files: {', '.join(str(p) for p in written)}")
