@@ -310,3 +310,17 @@ def test_huang_suite_end_to_end(tmp_path: Path):
     markdown = (tmp_path / "out" / "results.md").read_text()
     _, rows = _cells(markdown, "## finetune_frozen · cls · 100% of training labels")
     assert rows[0][0] == "DINOv2 ViT-S/14" and rows[1][0].startswith("↳ published: DINOv2 ViT-S/14 (Huang et al. 2024")
+
+
+def test_add_backbone_keeps_the_suite_backbones_and_their_published_rows():
+    import argparse
+
+    from raddino.commands.eval import _suite_from_args, add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["eval", "--suite", str(HUANG), "--add-backbone", "ours:runs/cxr"])
+    suite = _suite_from_args(args)
+    shipped = load_suite(HUANG)
+    assert suite.backbones == (*shipped.backbones, BackboneEntry(spec="ours:runs/cxr"))
+    assert suite.published == shipped.published
