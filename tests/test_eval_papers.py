@@ -263,7 +263,7 @@ def test_huix_suite_end_to_end_with_published_rows_in_the_report(tmp_path: Path)
     dino = names.index("DINOv2 ViT-B/14")
     # the paper's rows sit right under the measured row they belong to
     assert names[dino + 1].startswith("↳ published: DINOv2 (ViT-B) (Huix et al. 2024 (WACV))")
-    assert all("not in the paper" in cell for cell in rows[dino + 1][1:])  # every cell empty, and says so
+    assert all(cell == "– (auroc: no published value)" for cell in rows[dino + 1][1:])  # every cell empty, and says so
     made_up = next(r for r in rows if r[0].startswith("↳ published: Made-up"))
     assert names.index(made_up[0]) > dino and "Synthetic 2099, Table 9, p. 99" in made_up[0]
     measured = next(
@@ -324,3 +324,44 @@ def test_add_backbone_keeps_the_suite_backbones_and_their_published_rows():
     shipped = load_suite(HUANG)
     assert suite.backbones == (*shipped.backbones, BackboneEntry(spec="ours:runs/cxr"))
     assert suite.published == shipped.published
+
+
+def test_a_published_row_is_compared_with_each_feature_table_it_sits_in():
+    from raddino.eval.report import markdown, summarise
+    from raddino.eval.runner import EvalRecord
+
+    def record(features: str, auroc: float) -> EvalRecord:
+        return EvalRecord(
+            backbone="b",
+            dataset="d",
+            task="binary",
+            protocol="linear",
+            features=features,
+            fraction=1.0,
+            seed=0,
+            n_train=10,
+            n_test=10,
+            metrics={"auroc": auroc},
+            ci={"auroc": (auroc - 0.1, auroc + 0.05)},
+            param_name="C",
+            best_param=1.0,
+            threshold=0.5,
+            seconds=0.1,
+        )
+
+    row = PublishedRow(  # test data, not a paper's number
+        paper="Synthetic 2099",
+        model="M",
+        backbone="b",
+        dataset="d",
+        protocol="linear",
+        metric="auroc",
+        value=0.7,
+        table="Table 1",
+        page="2",
+    )
+    text = markdown(summarise([record("cls", 0.75), record("cls_mean", 0.65)]), title="t", published=[row])
+    cls, cls_mean = text.split("## linear · cls_mean")
+    assert "| ↳ published: M (Synthetic 2099, Table 1, p. 2) | 0.700 auroc · Δ +0.050 |" in cls
+    assert "| ↳ published: M (Synthetic 2099, Table 1, p. 2) | 0.700 auroc · Δ -0.050 |" in cls_mean
+    assert "without a measured row" not in text

@@ -6,7 +6,8 @@
   metric (AUROC; R² for regression): ``value [CI]`` for a single seed, ``mean ± std (n)`` over several seeds; one
   more table per extra ``report_metrics`` entry. A suite's published rows (:mod:`raddino.eval.published`) appear
   under the backbone row they correspond to, marked "published", with the paper's value and measured − published.
-* ``published.csv``: every published row with its source, the measured value of its metric and the difference.
+* ``published.csv``: every published row with its source, the measured value of its metric and the difference (a
+  row without ``features``: the suite's first feature protocol that ran).
 * ``plots/bar_<protocol>_<features>.png``: primary metric on 100 % of the labels, bars per backbone and dataset with
   the CI (single seed) or ± std (several seeds) as error bars.
 * ``plots/label_efficiency_<dataset>_<protocol>_<features>.png``: primary metric against the label fraction
@@ -18,6 +19,7 @@ Plots use matplotlib's Agg canvas directly (no pyplot state, no display needed).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import re
@@ -146,24 +148,33 @@ def _measured_at_full_labels(summaries: Sequence[Summary]) -> dict[tuple[str, st
 def _published_cell(comparison: Comparison) -> str:
     row = comparison.row
     if row.value is None:
-        return f"– ({row.metric}: not in the paper's text we could read)"
+        return f"– ({row.metric}: no published value)"
     delta = comparison.difference
     shown = f"{row.value:.3f} {row.metric}"
     return shown + (f" · Δ {delta:+.3f}" if math.isfinite(delta) else " · Δ – (not measured)")
 
 
 def _published_lines(
-    comparisons: Sequence[Comparison], *, backbone: str, protocol: str, features: str, datasets: Sequence[str]
+    group: Sequence[Summary],
+    published: Sequence[PublishedRow],
+    *,
+    backbone: str,
+    protocol: str,
+    features: str,
+    datasets: Sequence[str],
 ) -> list[str]:
-    """Table rows of the published values that sit under ``backbone`` in one (protocol, features) table."""
-    mine = [
-        c
-        for c in comparisons
-        if c.row.backbone == backbone
-        and c.row.protocol == protocol
-        and (c.row.features is None or c.row.features == features)
-        and c.row.dataset in datasets
+    """Table rows of the published values that sit under ``backbone`` in one (protocol, features) table, each
+    compared with this table's measured value (a row without ``features`` appears in every features table)."""
+    rows = [
+        r
+        for r in published
+        if r.backbone == backbone
+        and r.protocol == protocol
+        and (r.features is None or r.features == features)
+        and r.dataset in datasets
     ]
+    measured = {k: v for k, v in _measured_at_full_labels(group).items() if k[3] == features}
+    mine = compare([dataclasses.replace(r, features=features) for r in rows], measured)
     lines = []
     for paper, model in _ordered([(c.row.paper, c.row.model) for c in mine]):
         cells = {c.row.dataset: c for c in mine if (c.row.paper, c.row.model) == (paper, model)}
@@ -175,7 +186,7 @@ def _published_lines(
 
 
 def _table(
-    group: Sequence[Summary], *, metric: str | None, comparisons: Sequence[Comparison], protocol: str, features: str
+    group: Sequence[Summary], *, metric: str | None, published: Sequence[PublishedRow], protocol: str, features: str
 ) -> list[str]:
     """One backbones x datasets table: ``metric`` (None: each dataset's primary metric) with the published rows."""
     datasets = _ordered([s.dataset for s in group])
@@ -193,7 +204,7 @@ def _table(
             for d in datasets
         ]
         lines.append("| " + " | ".join(row) + " |")
-        lines += _published_lines(comparisons, backbone=b, protocol=protocol, features=features, datasets=datasets)
+        lines += _published_lines(group, published, backbone=b, protocol=protocol, features=features, datasets=datasets)
     return lines
 
 
@@ -211,7 +222,6 @@ def markdown(
         "Primary metric: AUROC (macro for multi-class / multi-label; R² for regression) on the test split. "
         "One seed: value [95 % bootstrap CI]; several seeds: mean ± std (n)."
     )
-    comparisons = compare(published, _measured_at_full_labels(summaries))
     if published:
         lines.append(
             'Rows marked "↳ published" are the numbers the paper reports (its table and page), not measured here; '
@@ -221,24 +231,24 @@ def markdown(
     shown: set[int] = set()
     for protocol, features, fraction in keys:
         group = [s for s in summaries if (s.protocol, s.features, s.fraction) == (protocol, features, fraction)]
-        rows = comparisons if fraction == 1.0 else []
+        rows = published if fraction == 1.0 else ()
         lines += ["", f"## {protocol} · {features} · {fraction * 100:g}% of training labels", ""]
-        lines += _table(group, metric=None, comparisons=rows, protocol=protocol, features=features)
+        lines += _table(group, metric=None, published=rows, protocol=protocol, features=features)
         for metric in report_metrics:
-            table = _table(group, metric=metric, comparisons=[], protocol=protocol, features=features)
+            table = _table(group, metric=metric, published=(), protocol=protocol, features=features)
             if table:
                 lines += ["", f"### {metric}", ""] + table
         backbones = {s.backbone for s in group}
         datasets = {s.dataset for s in group}
         shown |= {
             i
-            for i, c in enumerate(rows)
-            if c.row.protocol == protocol
-            and c.row.backbone in backbones
-            and c.row.dataset in datasets
-            and (c.row.features is None or c.row.features == features)
+            for i, r in enumerate(rows)
+            if r.protocol == protocol
+            and r.backbone in backbones
+            and r.dataset in datasets
+            and (r.features is None or r.features == features)
         }
-    unmatched = [c for i, c in enumerate(comparisons) if i not in shown]
+    unmatched = [Comparison(row=r, measured=math.nan) for i, r in enumerate(published) if i not in shown]
     if unmatched:
         lines += ["", "## Published rows without a measured row", ""]
         lines += ["| paper model | suite backbone | dataset | protocol | published | source |", "|---|" * 6]
