@@ -227,10 +227,11 @@ def test_each_kind_has_only_its_own_fields():
     table = {"label_columns", "label_delimiter", "value_map", "split_column", "split_values", "split_lists"}
     table |= {"group_column", "val_fraction", "split_fractions", "seed"}
     csv_only = {"path_column", "path_format", "image_root", "search_subdirs", "split_files", "where", "aggregate_by"}
+    csv_only |= {"where_not", "header", "missing_images"}
     fields = {cls.kind: {f.name for f in dataclasses.fields(cls)} for cls, _ in KINDS.values()}
     assert fields == {
         "medmnist": common,
-        "folder": common | {"val_fraction", "seed"},
+        "folder": common | {"val_fraction", "split_fractions", "seed"},
         "csv": common | table | csv_only,
         "shards": common | table,
     }

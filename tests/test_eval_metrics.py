@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.stats import pearsonr
 from sklearn import metrics as skm
 from sklearn.preprocessing import label_binarize
 
@@ -37,6 +38,7 @@ def test_binary_metrics_match_sklearn():
     assert report.values["accuracy"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-12)
     assert report.values["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=1e-12)
     assert report.values["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"), abs=1e-12)
+    assert report.values["f1_weighted"] == pytest.approx(skm.f1_score(y, pred, average="weighted"), abs=1e-12)
     assert report.threshold == 0.4
 
 
@@ -54,6 +56,10 @@ def test_multiclass_metrics_match_sklearn():
     assert report.values["accuracy"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-12)
     assert report.values["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=1e-12)
     assert report.values["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"), abs=1e-12)
+    # class 3 never predicted: its F1 is 0 and still weighs by its support
+    pred[pred == 3] = 0
+    report = M.evaluate(task="multiclass", y_true=y, scores=np.eye(c)[pred], n_bootstrap=0)
+    assert report.values["f1_weighted"] == pytest.approx(skm.f1_score(y, pred, average="weighted"), abs=1e-12)
 
 
 def test_multilabel_metrics_match_sklearn():
@@ -67,6 +73,7 @@ def test_multilabel_metrics_match_sklearn():
     assert report.values["auroc"] == pytest.approx(skm.roc_auc_score(y, scores, average="macro"), abs=1e-12)
     assert report.values["auprc"] == pytest.approx(skm.average_precision_score(y, scores, average="macro"), abs=1e-12)
     assert report.values["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"), abs=1e-12)
+    assert report.values["f1_weighted"] == pytest.approx(skm.f1_score(y, pred, average="weighted"), abs=1e-12)
     label_accuracy = np.mean([skm.accuracy_score(y[:, j], pred[:, j]) for j in range(k)])
     label_balanced = np.mean([skm.balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(k)])
     assert report.values["accuracy"] == pytest.approx(label_accuracy, abs=1e-12)
@@ -90,6 +97,25 @@ def test_regression_metrics_match_sklearn():
     report = M.evaluate(task="regression", y_true=y, scores=pred, n_bootstrap=0)
     assert report.values["r2"] == pytest.approx(skm.r2_score(y, pred), abs=1e-12)
     assert report.values["mae"] == pytest.approx(skm.mean_absolute_error(y, pred), abs=1e-12)
+    assert report.values["pearson_r"] == pytest.approx(pearsonr(y, pred).statistic, abs=1e-12)
+
+
+def test_regression_bootstrap_equals_explicit_resampling():
+    """MAE and Pearson r CIs are the percentile bootstrap of scipy / sklearn over index resamples."""
+    rng = np.random.default_rng(12)
+    y = rng.normal(50, 10, 120)
+    pred = 0.5 * y + rng.normal(0, 6, 120)
+    n_boot, seed = 300, 3
+    report = M.evaluate(task="regression", y_true=y, scores=pred, n_bootstrap=n_boot, seed=seed)
+    draws = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
+    rs = [pearsonr(y[idx], pred[idx]).statistic for idx in draws]
+    maes = [skm.mean_absolute_error(y[idx], pred[idx]) for idx in draws]
+    assert report.ci["pearson_r"] == pytest.approx(tuple(np.quantile(rs, [0.025, 0.975])), abs=1e-9)
+    assert report.ci["mae"] == pytest.approx(tuple(np.quantile(maes, [0.025, 0.975])), abs=1e-9)
+    low, high = report.ci["pearson_r"]
+    assert low < report.values["pearson_r"] < high
+    constant = M.evaluate(task="regression", y_true=y, scores=np.full_like(y, 3.0), n_bootstrap=0)
+    assert np.isnan(constant.values["pearson_r"])  # undefined, not 0
 
 
 def test_bootstrap_equals_explicit_resampling_with_sklearn():

@@ -219,7 +219,7 @@ def test_runner_multilabel_and_regression_csv(tmp_path: Path):
     by_key = {(r.dataset, r.protocol): r for r in records}
     assert by_key[("findings", "linear")].task == "multilabel"
     assert by_key[("findings", "linear")].metrics["auroc"] > 0.7  # finding a is visible in the pixels
-    assert set(by_key[("age", "knn_cosine")].metrics) == {"r2", "mae"}
+    assert set(by_key[("age", "knn_cosine")].metrics) == {"r2", "mae", "pearson_r"}
     assert by_key[("age", "linear")].metrics["r2"] > 0.3
     write_report(records, tmp_path / "out", title="csv")
     assert "age (r2)" in (tmp_path / "out" / "results.md").read_text()

@@ -10,13 +10,15 @@ from pathlib import Path
 EPILOG = """examples:
   raddino eval --suite eval/medmnist_chest.yaml
   raddino eval --suite eval/medmnist_chest.yaml --backbone ours:runs/cxr --backbone timm:vit_base_patch14_dinov2
+  raddino eval --suite eval/huix2024.yaml --add-backbone ours:runs/cxr   # the paper's backbones + yours
   raddino eval --dataset ../shared/data/pneumoniamnist.npz --backbone timm:vit_tiny_patch16_224 --random-init \\
       --img-size 64 --protocol linear knn_cosine --features cls_mean
 
 Backbones: timm:NAME, hf:PATH_OR_ID, open_clip:ARCH/TAG, ours:RUN_OR_EXPORT_DIR, pixels[:SIZE] (raw pixels).
 Protocols: linear, knn_cosine, knn_euclidean, finetune_frozen, finetune_unfrozen.
 Features: cls, mean, cls_mean, dinov2_linear.
-Outputs in --out: results.jsonl, results.csv, summary.csv, results.md, plots/*.png. See docs/EVAL.md.
+Outputs in --out: results.jsonl, results.csv, summary.csv, results.md, published.csv (suites with published
+rows), plots/*.png. See docs/EVAL.md.
 """
 
 
@@ -36,6 +38,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         help="backbone spec; repeat for several (replaces the suite's backbones)",
+    )
+    parser.add_argument(
+        "--add-backbone",
+        "-a",
+        action="append",
+        default=None,
+        help="backbone spec added to the suite's backbones (keeps them and their published rows); repeat for several",
     )
     parser.add_argument(
         "--dataset",
@@ -100,6 +109,9 @@ def _suite_from_args(args: argparse.Namespace):
         )
     elif args.weights or args.random_init or args.img_size:
         raise RaddinoError("--weights / --random-init / --img-size apply to --backbone; name the backbone(s)")
+    if args.add_backbone:
+        kept = changes.get("backbones", suite.backbones)
+        changes["backbones"] = tuple(kept) + tuple(BackboneEntry(spec=spec) for spec in args.add_backbone)
     for flag, key, convert in (
         ("protocol", "protocols", tuple),
         ("features", "features", tuple),
@@ -134,7 +146,14 @@ def run(args: argparse.Namespace) -> int:
         data_root=args.data_root,
     )
     records = SuiteRunner(suite, options).run()
-    written = write_report(records, out, title=f"raddino eval: {suite.name}", plots=not args.no_plots)
+    written = write_report(
+        records,
+        out,
+        title=f"raddino eval: {suite.name}",
+        plots=not args.no_plots,
+        published=suite.published,
+        report_metrics=suite.report_metrics,
+    )
     if (out / "results.md").is_file():
         print((out / "results.md").read_text())
     print(f"{len(records)} results; files: {', '.join(str(p) for p in written)}")

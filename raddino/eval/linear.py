@@ -47,7 +47,7 @@ class ProbeResult:
         params: the swept grid, in sweep order.
         val_curve: validation selection score (macro AUROC, or R² for regression) for each value of ``params``.
         val_metrics / test_metrics: point estimates (``auroc``, ``auprc``, ``accuracy``, ``balanced_accuracy``,
-            ``f1_macro``; or ``r2``, ``mae``).
+            ``f1_macro``, ``f1_weighted``; or ``r2``, ``mae``, ``pearson_r``).
         test_ci: 95 % bootstrap interval of every test metric.
         threshold: decision threshold(s) chosen on validation (binary: float; multilabel: one per label).
         test_scores: ``(N_test,)`` positive-class probability, ``(N_test, C)`` class probabilities, ``(N_test, K)``

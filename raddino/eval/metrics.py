@@ -16,7 +16,10 @@ Conventions (``task``):
   balanced accuracy and F1 are per-label binary metrics (per-label thresholds) averaged over labels (F1 equals
   scikit-learn's ``f1_score(average="macro")`` on indicator matrices; accuracy is the mean label-wise accuracy,
   not the subset accuracy).
-* ``regression``: ``y (N,)`` float, ``scores (N,)`` predictions; R² and MAE.
+* ``regression``: ``y (N,)`` float, ``scores (N,)`` predictions; R², MAE and Pearson's r.
+
+``f1_weighted`` is scikit-learn's ``f1_score(average="weighted")``: per-class F1 weighted by the true support (the
+metric Huang et al. 2024 report); for multi-label, per-label F1 weighted by each label's positives.
 
 Classes or labels with a single class present in ``y`` are skipped in macro AUROC / AUPRC (they are undefined);
 in a resample where a class is missing the macro average is over the classes present.
@@ -40,8 +43,8 @@ log = logging.getLogger(__name__)
 
 Task = Literal["binary", "multiclass", "multilabel", "regression"]
 TASKS: tuple[str, ...] = ("binary", "multiclass", "multilabel", "regression")
-CLASSIFICATION_METRICS = ("auroc", "auprc", "accuracy", "balanced_accuracy", "f1_macro")
-REGRESSION_METRICS = ("r2", "mae")
+CLASSIFICATION_METRICS = ("auroc", "auprc", "accuracy", "balanced_accuracy", "f1_macro", "f1_weighted")
+REGRESSION_METRICS = ("r2", "mae", "pearson_r")
 # Cap on B * N elements per bootstrap chunk (float32: 4 MB per array; small arrays stay in cache, measured faster).
 _CHUNK_ELEMENTS = 1_000_000
 
@@ -149,6 +152,16 @@ def confusion_f1_macro(cm: np.ndarray) -> np.ndarray:
         return f1.sum(axis=1) / seen.sum(axis=1)
 
 
+def confusion_f1_weighted(cm: np.ndarray) -> np.ndarray:
+    """Per-class F1 weighted by true support ``(B,)`` (scikit-learn's weighted F1; classes never true weigh 0)."""
+    diag = np.diagonal(cm, axis1=1, axis2=2)
+    support = cm.sum(axis=2)
+    denominator = support + cm.sum(axis=1)
+    f1 = np.divide(2.0 * diag, denominator, out=np.zeros_like(diag), where=denominator > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (f1 * support).sum(axis=1) / support.sum(axis=1)
+
+
 def _class_metrics(cm: np.ndarray, auroc: np.ndarray, auprc: np.ndarray) -> dict[str, np.ndarray]:
     """The single-label classification metrics from confusion matrices ``(B, C, C)`` and ranking scores ``(B,)``."""
     return {
@@ -157,6 +170,7 @@ def _class_metrics(cm: np.ndarray, auroc: np.ndarray, auprc: np.ndarray) -> dict
         "accuracy": confusion_accuracy(cm),
         "balanced_accuracy": confusion_balanced_accuracy(cm),
         "f1_macro": confusion_f1_macro(cm),
+        "f1_weighted": confusion_f1_weighted(cm),
     }
 
 
@@ -182,6 +196,19 @@ def weighted_mae(y: np.ndarray, pred: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (w * np.abs(y - pred)).sum(axis=1) / w.sum(axis=1)
 
 
+def weighted_pearson(y: np.ndarray, pred: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Pearson correlation of ``y (N,)`` and ``pred (N,)`` per weight row ``(B,)`` (NaN where either is constant).
+
+    With counts as weights this is ``scipy.stats.pearsonr`` of the resampled set."""
+    total = w.sum(axis=1, keepdims=True)
+    dy = y - (w * y).sum(axis=1, keepdims=True) / total
+    dp = pred - (w * pred).sum(axis=1, keepdims=True) / total
+    cov = (w * dy * dp).sum(axis=1)
+    var = (w * dy**2).sum(axis=1) * (w * dp**2).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(var > 0, cov / np.sqrt(var), np.nan)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # task-level metric sets
 # --------------------------------------------------------------------------------------------------------------
@@ -195,6 +222,13 @@ def _macro(values: list[np.ndarray], n_rows: int) -> np.ndarray:
     counts = np.isfinite(stacked).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, np.nansum(stacked, axis=1) / counts, np.nan)
+
+
+def _support_weighted(values: list[np.ndarray], support: list[np.ndarray]) -> np.ndarray:
+    """Per-label ``(B,)`` values averaged with per-label ``(B,)`` weights (NaN where every weight is 0)."""
+    weights = np.stack(support, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.stack(values, axis=1) * weights).sum(axis=1) / weights.sum(axis=1)
 
 
 def _valid_columns(y: np.ndarray) -> list[int]:
@@ -215,7 +249,11 @@ def _metric_fn(task: Task, y: np.ndarray, scores: np.ndarray, threshold: float |
     """A function ``w (B, N) -> {metric: (B,)}`` for one task, with everything independent of ``w`` precomputed."""
     if task == "regression":
         y64, pred = y.astype(np.float64), scores.astype(np.float64)
-        return lambda w: {"r2": weighted_r2(y64, pred, w), "mae": weighted_mae(y64, pred, w)}
+        return lambda w: {
+            "r2": weighted_r2(y64, pred, w),
+            "mae": weighted_mae(y64, pred, w),
+            "pearson_r": weighted_pearson(y64, pred, w),
+        }
 
     if task == "binary":
         yb = y.astype(np.int64)
@@ -257,6 +295,7 @@ def _metric_fn(task: Task, y: np.ndarray, scores: np.ndarray, threshold: float |
                 "accuracy": np.mean([confusion_accuracy(cm) for cm in cms], axis=0),
                 "balanced_accuracy": np.mean([confusion_balanced_accuracy(cm) for cm in cms], axis=0),
                 "f1_macro": np.mean([binary_f1(cm) for cm in cms], axis=0),
+                "f1_weighted": _support_weighted([binary_f1(cm) for cm in cms], [cm[:, 1].sum(axis=1) for cm in cms]),
             }
 
         return multilabel

@@ -3,7 +3,11 @@
 * ``results.csv``: one row per record (metrics and their 95 % CI bounds as columns).
 * ``summary.csv``: records grouped over seeds: mean, std and count of every metric.
 * ``results.md``: for each protocol / feature protocol / label fraction, a backbones x datasets table of the primary
-  metric (AUROC; R² for regression): ``value [CI]`` for a single seed, ``mean ± std (n)`` over several seeds.
+  metric (AUROC; R² for regression): ``value [CI]`` for a single seed, ``mean ± std (n)`` over several seeds; one
+  more table per extra ``report_metrics`` entry. A suite's published rows (:mod:`raddino.eval.published`) appear
+  under the backbone row they correspond to, marked "published", with the paper's value and measured − published.
+* ``published.csv``: every published row with its source, the measured value of its metric and the difference (a
+  row without ``features``: the suite's first feature protocol that ran).
 * ``plots/bar_<protocol>_<features>.png``: primary metric on 100 % of the labels, bars per backbone and dataset with
   the CI (single seed) or ± std (several seeds) as error bars.
 * ``plots/label_efficiency_<dataset>_<protocol>_<features>.png``: primary metric against the label fraction
@@ -15,6 +19,7 @@ Plots use matplotlib's Agg canvas directly (no pyplot state, no display needed).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import re
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raddino.eval.published import Comparison, PublishedRow, compare
 from raddino.eval.runner import EvalRecord
 
 log = logging.getLogger(__name__)
@@ -129,29 +135,143 @@ def _ordered(values: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def markdown(summaries: Sequence[Summary], *, title: str) -> str:
-    """Backbones x datasets tables of the primary metric, one per (protocol, features, fraction)."""
+def _measured_at_full_labels(summaries: Sequence[Summary]) -> dict[tuple[str, str, str, str], dict[str, float]]:
+    """``(backbone, dataset, protocol, features) -> {metric: mean over seeds}`` on 100 % of the labels."""
+    out: dict[tuple[str, str, str, str], dict[str, float]] = {}
+    for s in summaries:
+        if s.fraction == 1.0:
+            metrics = _metric_names(s.records)
+            out[(s.backbone, s.dataset, s.protocol, s.features)] = {m: s.mean(m) for m in metrics}
+    return out
+
+
+def _published_cell(comparison: Comparison) -> str:
+    row = comparison.row
+    if row.value is None:
+        return f"– ({row.metric}: no published value)"
+    delta = comparison.difference
+    shown = f"{row.value:.3f} {row.metric}"
+    return shown + (f" · Δ {delta:+.3f}" if math.isfinite(delta) else " · Δ – (not measured)")
+
+
+def _published_lines(
+    group: Sequence[Summary],
+    published: Sequence[PublishedRow],
+    *,
+    backbone: str,
+    protocol: str,
+    features: str,
+    datasets: Sequence[str],
+) -> list[str]:
+    """Table rows of the published values that sit under ``backbone`` in one (protocol, features) table, each
+    compared with this table's measured value (a row without ``features`` appears in every features table)."""
+    rows = [
+        r
+        for r in published
+        if r.backbone == backbone
+        and r.protocol == protocol
+        and (r.features is None or r.features == features)
+        and r.dataset in datasets
+    ]
+    measured = {k: v for k, v in _measured_at_full_labels(group).items() if k[3] == features}
+    mine = compare([dataclasses.replace(r, features=features) for r in rows], measured)
+    lines = []
+    for paper, model in _ordered([(c.row.paper, c.row.model) for c in mine]):
+        cells = {c.row.dataset: c for c in mine if (c.row.paper, c.row.model) == (paper, model)}
+        sources = _ordered([c.row.source for c in cells.values()])
+        label = f"↳ published: {model} ({'; '.join(sources)})"
+        row = [label] + [_published_cell(cells[d]) if d in cells else "" for d in datasets]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _table(
+    group: Sequence[Summary], *, metric: str | None, published: Sequence[PublishedRow], protocol: str, features: str
+) -> list[str]:
+    """One backbones x datasets table: ``metric`` (None: each dataset's primary metric) with the published rows."""
+    datasets = _ordered([s.dataset for s in group])
+    if metric is not None:
+        datasets = [d for d in datasets if any(s.dataset == d and metric in _metric_names(s.records) for s in group)]
+    if not datasets:
+        return []
+    backbones = _ordered([s.backbone for s in group])
+    cells = {(s.backbone, s.dataset): s for s in group}
+    header = ["backbone"] + [f"{d} ({metric or primary_metric(_dataset_task(group, d))})" for d in datasets]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for b in backbones:
+        row = [b] + [
+            cells[(b, d)].cell(metric or primary_metric(cells[(b, d)].task)) if (b, d) in cells else "–"
+            for d in datasets
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+        lines += _published_lines(group, published, backbone=b, protocol=protocol, features=features, datasets=datasets)
+    return lines
+
+
+def markdown(
+    summaries: Sequence[Summary],
+    *,
+    title: str,
+    published: Sequence[PublishedRow] = (),
+    report_metrics: Sequence[str] = (),
+) -> str:
+    """Backbones x datasets tables of the primary metric (and of each ``report_metrics`` entry), one per (protocol,
+    features, fraction); ``published`` rows sit under their backbone in the 100 % tables, marked "published"."""
     lines = [f"# {title}", ""]
     lines.append(
         "Primary metric: AUROC (macro for multi-class / multi-label; R² for regression) on the test split. "
         "One seed: value [95 % bootstrap CI]; several seeds: mean ± std (n)."
     )
+    if published:
+        lines.append(
+            'Rows marked "↳ published" are the numbers the paper reports (its table and page), not measured here; '
+            "Δ = measured − published for the same metric, on 100 % of the labels."
+        )
     keys = _ordered([(s.protocol, s.features, s.fraction) for s in summaries])
+    shown: set[int] = set()
     for protocol, features, fraction in keys:
         group = [s for s in summaries if (s.protocol, s.features, s.fraction) == (protocol, features, fraction)]
-        datasets = _ordered([s.dataset for s in group])
-        backbones = _ordered([s.backbone for s in group])
-        cells = {(s.backbone, s.dataset): s for s in group}
+        rows = published if fraction == 1.0 else ()
         lines += ["", f"## {protocol} · {features} · {fraction * 100:g}% of training labels", ""]
-        header = ["backbone"] + [f"{d} ({primary_metric(_dataset_task(group, d))})" for d in datasets]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
-        for b in backbones:
-            row = [b] + [
-                cells[(b, d)].cell(primary_metric(cells[(b, d)].task)) if (b, d) in cells else "–" for d in datasets
-            ]
-            lines.append("| " + " | ".join(row) + " |")
+        lines += _table(group, metric=None, published=rows, protocol=protocol, features=features)
+        for metric in report_metrics:
+            table = _table(group, metric=metric, published=(), protocol=protocol, features=features)
+            if table:
+                lines += ["", f"### {metric}", ""] + table
+        backbones = {s.backbone for s in group}
+        datasets = {s.dataset for s in group}
+        shown |= {
+            i
+            for i, r in enumerate(rows)
+            if r.protocol == protocol
+            and r.backbone in backbones
+            and r.dataset in datasets
+            and (r.features is None or r.features == features)
+        }
+    unmatched = [Comparison(row=r, measured=math.nan) for i, r in enumerate(published) if i not in shown]
+    if unmatched:
+        lines += ["", "## Published rows without a measured row", ""]
+        lines += ["| paper model | suite backbone | dataset | protocol | published | source |", "|---|" * 6]
+        for c in unmatched:
+            r = c.row
+            value = f"{r.value:.3f} {r.metric}" if r.value is not None else f"– ({r.metric})"
+            lines.append(f"| {r.model} | {r.backbone} | {r.dataset} | {r.protocol} | {value} | {r.source} |")
     return "\n".join(lines) + "\n"
+
+
+def write_published_csv(comparisons: Sequence[Comparison], path: Path) -> None:
+    columns = ["paper", "model", "backbone", "dataset", "protocol", "features", "metric", "published", "measured"]
+    columns += ["difference", "table", "page", "note"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for c in comparisons:
+            r = c.row
+            published = "" if r.value is None else r.value
+            writer.writerow(
+                [r.paper, r.model, r.backbone, r.dataset, r.protocol, r.features or "", r.metric, published]
+                + [c.measured, c.difference, r.table or "", r.page or "", r.note]
+            )
 
 
 def _dataset_task(group: Sequence[Summary], dataset: str) -> str:
@@ -238,8 +358,17 @@ def label_efficiency_plot(
     return True
 
 
-def write_report(records: Sequence[EvalRecord], out_dir: Path, *, title: str, plots: bool = True) -> list[Path]:
-    """Write the CSVs, the markdown table and the plots for ``records``; returns the written paths."""
+def write_report(
+    records: Sequence[EvalRecord],
+    out_dir: Path,
+    *,
+    title: str,
+    plots: bool = True,
+    published: Sequence[PublishedRow] = (),
+    report_metrics: Sequence[str] = (),
+) -> list[Path]:
+    """Write the CSVs, the markdown tables (with ``published`` rows) and the plots for ``records``; returns the
+    written paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if not records:
@@ -249,8 +378,12 @@ def write_report(records: Sequence[EvalRecord], out_dir: Path, *, title: str, pl
     metrics = _metric_names(records)
     write_csv(records, out_dir / "results.csv")
     write_summary_csv(summaries, metrics, out_dir / "summary.csv")
-    (out_dir / "results.md").write_text(markdown(summaries, title=title))
+    text = markdown(summaries, title=title, published=published, report_metrics=report_metrics)
+    (out_dir / "results.md").write_text(text)
     written += [out_dir / "results.csv", out_dir / "summary.csv", out_dir / "results.md"]
+    if published:
+        write_published_csv(compare(published, _measured_at_full_labels(summaries)), out_dir / "published.csv")
+        written.append(out_dir / "published.csv")
     if plots:
         try:
             import matplotlib  # noqa: F401  (a dependency; an environment may still lack it)

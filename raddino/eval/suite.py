@@ -18,6 +18,7 @@ from raddino.eval.adapters.registry import parse_spec
 from raddino.eval.datasets.base import SpecBase
 from raddino.eval.datasets.registry import KINDS, spec_class, spec_keys
 from raddino.eval.finetune import TrainSchedule
+from raddino.eval.published import METRICS, PublishedRow, published_from_dict
 
 # Evaluation protocols. "linear" is logistic regression (ridge for regression targets).
 PROTOCOLS = ("linear", "knn_cosine", "knn_euclidean", "finetune_frozen", "finetune_unfrozen")
@@ -77,6 +78,8 @@ class Suite:
     max_iter: int = 1000
     finetune: TrainSchedule = field(default_factory=TrainSchedule)
     finetune_features: str = "cls"
+    report_metrics: tuple[str, ...] = ()  # extra tables in results.md besides the primary metric (e.g. mae)
+    published: tuple[PublishedRow, ...] = ()  # the paper's numbers, printed beside the measured rows
 
     def __post_init__(self) -> None:
         for protocol in self.protocols:
@@ -99,6 +102,16 @@ class Suite:
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise RaddinoError(f"suite {self.name}: dataset names must be unique, got {names}")
+        for metric in self.report_metrics:
+            if metric not in METRICS:
+                raise RaddinoError(
+                    f"suite {self.name}: unknown report metric {metric!r}; expected {', '.join(METRICS)}"
+                )
+        for row in self.published:
+            if row.protocol not in PROTOCOLS:
+                raise RaddinoError(
+                    f"suite {self.name}: published row {row.model} / {row.dataset}: unknown protocol {row.protocol!r}"
+                )
         unknown_k = set(self.knn_k) - {"cosine", "euclidean"}
         if unknown_k:
             raise RaddinoError(f"suite {self.name}: knn_k keys must be cosine / euclidean, got {sorted(unknown_k)}")
@@ -143,13 +156,14 @@ def dataset_spec_from_dict(entry: dict[str, Any], where: str) -> SpecBase:
             f"({hint}allowed: {', '.join(allowed)})"
         )
     values = {k: v for k, v in entry.items() if k != "kind"}
-    for key in ("label_columns", "classes", "split_fractions"):
+    for key in ("label_columns", "classes", "split_fractions", "header"):
         if key in values and values[key] is not None:
             values[key] = _tuple(values[key])
     if values.get("split_values"):
         values["split_values"] = {k: _tuple(v) for k, v in values["split_values"].items()}
-    if values.get("where"):
-        values["where"] = {k: tuple(str(x) for x in _tuple(v)) for k, v in values["where"].items()}
+    for key in ("where", "where_not"):
+        if values.get(key):
+            values[key] = {k: tuple(str(x) for x in _tuple(v)) for k, v in values[key].items()}
     if values.get("value_map"):
         values["value_map"] = {str(k): float(v) for k, v in values["value_map"].items()}
     return cls(**values)
@@ -171,7 +185,8 @@ def suite_from_dict(payload: dict[str, Any], *, name: str) -> Suite:
     values.setdefault("name", name)
     values["datasets"] = tuple(dataset_spec_from_dict(d, f"suite {name}") for d in values.get("datasets") or [])
     values["backbones"] = tuple(backbone_from_value(b, f"suite {name}") for b in values.get("backbones") or [])
-    for key in ("protocols", "features", "label_fractions", "seeds", "Cs"):
+    values["published"] = tuple(published_from_dict(p, f"suite {name}") for p in values.get("published") or [])
+    for key in ("protocols", "features", "label_fractions", "seeds", "Cs", "report_metrics"):
         if key in values and values[key] is not None:
             values[key] = _tuple(values[key])
     if "label_fractions" in values:
@@ -179,7 +194,27 @@ def suite_from_dict(payload: dict[str, Any], *, name: str) -> Suite:
     if "finetune" in values:
         schedule = values["finetune"] or {}
         values["finetune"] = TrainSchedule(**_strict(TrainSchedule, schedule, f"suite {name} finetune"))
-    return Suite(**values)
+    suite = Suite(**values)
+    _check_published_names(suite)
+    return suite
+
+
+def _check_published_names(suite: Suite) -> None:
+    """Published rows must name a dataset and a backbone label of the suite, or they would never align (checked when
+    the file is read: ``--backbone`` may replace the backbones later, and the rows are then listed unmatched)."""
+    datasets = [d.name for d in suite.datasets]
+    labels = [b.label for b in suite.backbones]
+    for row in suite.published:
+        if row.dataset not in datasets:
+            raise RaddinoError(
+                f"suite {suite.name}: published row {row.model}: dataset {row.dataset!r} is not in the suite "
+                f"({', '.join(datasets)})"
+            )
+        if row.backbone not in labels:
+            raise RaddinoError(
+                f"suite {suite.name}: published row {row.model}: backbone {row.backbone!r} is no backbone label of the "
+                f"suite ({', '.join(labels)}; set a backbone's 'name' to match)"
+            )
 
 
 def load_suite(path: str | Path) -> Suite:

@@ -356,9 +356,7 @@ def timm_config(spec: BackboneSpec, inputs: InputSpec) -> dict:
     }
 
 
-def _write_timm(
-    out: Path, state: dict[str, Tensor], spec: BackboneSpec, inputs: InputSpec, name: str
-):
+def _write_timm(out: Path, state: dict[str, Tensor], spec: BackboneSpec, inputs: InputSpec, name: str):
     tensors = formats.to_timm(state, no_embed_class=bool(spec.num_registers))
     write_safetensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
     cfg = timm_config(spec, inputs)
@@ -440,9 +438,7 @@ def hf_preprocessor_config(inputs: InputSpec) -> dict:
     }
 
 
-def _write_hf(
-    out: Path, state: dict[str, Tensor], spec: BackboneSpec, inputs: InputSpec, name: str
-):
+def _write_hf(out: Path, state: dict[str, Tensor], spec: BackboneSpec, inputs: InputSpec, name: str):
     cfg = hf_config(spec)
     tensors = formats.to_hf(_with_layerscale(state, spec), swiglu=spec.swiglu)
     write_safetensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
@@ -496,9 +492,7 @@ def dinov2_constructor(spec: BackboneSpec) -> tuple[str | None, dict[str, object
     return entry, hub_kwargs, model_kwargs
 
 
-def _write_dinov2(
-    out: Path, state: dict[str, Tensor], spec: BackboneSpec, inputs: InputSpec, name: str
-):
+def _write_dinov2(out: Path, state: dict[str, Tensor], spec: BackboneSpec, inputs: InputSpec, name: str):
     tensors = formats.to_dinov2(_with_layerscale(state, spec), swiglu=spec.swiglu)
     write_safetensors(out / "backbone.safetensors", tensors, metadata={"format": "pt"})
     write_torch(out / "backbone.pth", tensors)

@@ -4,6 +4,7 @@ ChestX-ray14, CheXpert, RSNA Pneumonia, VinDr-CXR)."""
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,10 @@ from raddino.eval.datasets.rows import (
     table_labels,
 )
 
+log = logging.getLogger(__name__)
+
+MISSING_IMAGES = ("error", "skip")
+
 
 @dataclass(frozen=True)
 class CsvSpec(TableSpec):
@@ -34,7 +39,11 @@ class CsvSpec(TableSpec):
         search_subdirs: find images by file name anywhere under ``image_root`` (NIH's ``images_0NN/images``).
         split_files: per-split CSV files (CheXpert ``train.csv`` / ``valid.csv``) instead of ``path``.
         where: keep only rows whose column has one of the listed values, e.g. ``{"Frontal/Lateral": ["Frontal"]}``.
+        where_not: drop rows whose column has one of the listed values, e.g. ``{age: [""]}`` (no age recorded).
         aggregate_by: merge rows with the same value of this column (labels: maximum, i.e. "any reader / box").
+        header: column names for a CSV without a header row (ISIC 2016's ground-truth files); every row is data.
+        missing_images: ``error`` (default) or ``skip``: drop rows whose image file is absent, with a warning
+            giving the count (public samples such as the COVID-19 image collection list images they do not ship).
     """
 
     kind: ClassVar[str] = "csv"
@@ -44,11 +53,21 @@ class CsvSpec(TableSpec):
     search_subdirs: bool = False
     split_files: dict[str, str] | None = None
     where: dict[str, tuple[str, ...]] | None = None
+    where_not: dict[str, tuple[str, ...]] | None = None
     aggregate_by: str | None = None
+    header: tuple[str, ...] | None = None
+    missing_images: str = "error"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_split_keys(self.name, self.split_files, what="split_files")
+        if self.missing_images not in MISSING_IMAGES:
+            raise RaddinoError(
+                f"dataset {self.name}: missing_images must be {' or '.join(MISSING_IMAGES)}, "
+                f"got {self.missing_images!r}"
+            )
+        if self.header is not None and len(set(self.header)) != len(self.header):
+            raise RaddinoError(f"dataset {self.name}: header names must be unique, got {list(self.header)}")
 
     def check_path(self) -> None:
         # per-split files replace the one manifest
@@ -60,7 +79,7 @@ def _read_csv_rows(spec: CsvSpec, path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise spec.not_found(path, "CSV file")
     with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
+        reader = csv.DictReader(handle, fieldnames=list(spec.header) if spec.header else None)
         if not reader.fieldnames:
             raise RaddinoError(f"dataset {spec.name}: {path} is empty (no header row)")
         return [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
@@ -80,7 +99,8 @@ def _image_path(spec: CsvSpec, row: dict[str, str], source: str) -> str:
 
 
 def _resolve_images(spec: CsvSpec, relative: list[str], root: Path) -> list[Path]:
-    """Image paths under ``root``; with ``search_subdirs`` files are found by name anywhere below it."""
+    """Image paths under ``root``; with ``search_subdirs`` files are found by name anywhere below it. Missing files
+    are an error, or (``missing_images: skip``) returned anyway for the caller to drop."""
     if not root.is_dir():
         raise spec.not_found(root, "image root folder")
     paths = [root / r for r in relative]
@@ -91,7 +111,7 @@ def _resolve_images(spec: CsvSpec, relative: list[str], root: Path) -> list[Path
                 index.setdefault(name, Path(directory) / name)
         paths = [index.get(Path(r).name, root / r) for r in relative]
     missing = [p for p in paths if not p.is_file()]
-    if missing:
+    if missing and spec.missing_images == "error":
         raise RaddinoError(
             f"dataset {spec.name}: {len(missing)} of {len(paths)} image files not found, e.g. {missing[0]}"
             + ("" if spec.search_subdirs else " (set search_subdirs: true if images sit in subfolders)")
@@ -114,19 +134,28 @@ def load_csv(spec: CsvSpec, *, data_root: Path | None) -> EvalDataset:
         csv_path = spec.resolve(spec.path, data_root)
         rows = _read_csv_rows(spec, csv_path)
         preset = [None] * len(rows)
-    if spec.where:
+    if spec.where or spec.where_not:
         preset, rows = _filter_rows(spec, rows, preset, csv_path.name)
     if not rows:
-        raise RaddinoError(f"dataset {spec.name}: {csv_path} has no rows" + (" after 'where'" if spec.where else ""))
+        filtered = " after 'where' / 'where_not'" if spec.where or spec.where_not else ""
+        raise RaddinoError(f"dataset {spec.name}: {csv_path} has no rows{filtered}")
     root = spec.resolve(spec.image_root, data_root) if spec.image_root else csv_path.parent
     relative = [_image_path(spec, row, csv_path.name) for row in rows]
     for row, rel in zip(rows, relative, strict=True):
         row["\x00path"] = rel  # the image reference travels with the row through aggregation
     data = Rows(rows=rows, source=csv_path.name)
     data, preset = _aggregate_with_preset(spec, data, preset)
+    paths = _resolve_images(spec, [row["\x00path"] for row in data.rows], root)
+    present = [i for i, path in enumerate(paths) if path.is_file()]
+    if len(present) < len(paths):  # only with missing_images: skip
+        skipped = len(paths) - len(present)
+        log.warning("dataset %s: %d of %d image files not found, rows skipped", spec.name, skipped, len(paths))
+        if not present:
+            raise RaddinoError(f"dataset {spec.name}: none of the {len(paths)} image files under {root} exists")
+        data = Rows(rows=[data.rows[i] for i in present], source=data.source)
+        preset, paths = [preset[i] for i in present], [paths[i] for i in present]
     preset = preset_splits(spec, data, preset=preset, data_root=data_root)
     labels, task, names = table_labels(spec, data)
-    paths = _resolve_images(spec, [row["\x00path"] for row in data.rows], root)
     assignment = split_assignment(spec, data, labels=labels, task=task, preset=preset)
     images = FileImages(paths)
     splits = {
@@ -139,14 +168,19 @@ def load_csv(spec: CsvSpec, *, data_root: Path | None) -> EvalDataset:
 def _filter_rows(
     spec: CsvSpec, rows: list[dict[str, str]], preset: list[str | None], source: str
 ) -> tuple[list[str | None], list[dict[str, str]]]:
-    """Rows (and their preset splits) whose ``where`` columns hold one of the allowed values."""
-    for column in spec.where or {}:
-        if rows and column not in rows[0]:
-            raise RaddinoError(f"dataset {spec.name}: {source}: 'where' column '{column}' not found")
+    """Rows (and their preset splits) whose ``where`` columns hold one of the allowed values and whose ``where_not``
+    columns hold none of the excluded ones."""
+    keep_if = {c: {str(v) for v in _as_tuple(vs)} for c, vs in (spec.where or {}).items()}
+    drop_if = {c: {str(v) for v in _as_tuple(vs)} for c, vs in (spec.where_not or {}).items()}
+    for key, columns in (("where", keep_if), ("where_not", drop_if)):
+        for column in columns:
+            if rows and column not in rows[0]:
+                raise RaddinoError(f"dataset {spec.name}: {source}: '{key}' column '{column}' not found")
     keep = [
         i
         for i, row in enumerate(rows)
-        if all(row[c].strip() in {str(v) for v in _as_tuple(vs)} for c, vs in (spec.where or {}).items())
+        if all(row[c].strip() in values for c, values in keep_if.items())
+        and not any(row[c].strip() in values for c, values in drop_if.items())
     ]
     return [preset[i] for i in keep], [rows[i] for i in keep]
 

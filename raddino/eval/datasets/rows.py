@@ -124,7 +124,7 @@ def table_labels(spec: TableSpec, data: Rows) -> tuple[np.ndarray, Task, list[st
         values = [parse_value(row[column], spec=spec, column=column, source=data.source) for row in data.rows]
         return np.asarray(values, dtype=np.float64), "regression", [column]
     raw = [(row[column] or "").strip() for row in data.rows]
-    if spec.classes:
+    if spec.classes and not spec.value_map:
         index = {name: i for i, name in enumerate(spec.classes)}
         unknown = sorted(set(raw) - set(index))
         if unknown:
@@ -142,6 +142,13 @@ def table_labels(spec: TableSpec, data: Rows) -> tuple[np.ndarray, Task, list[st
             )
         labels = np.asarray(numeric, dtype=np.int64)
         names = [str(i) for i in range(int(labels.max(initial=1)) + 1)]
+        if spec.classes:  # value_map gave the indices (several raw values may share a class: AP, AP Supine -> AP)
+            if labels.max(initial=0) >= len(spec.classes):
+                raise RaddinoError(
+                    f"dataset {spec.name}: value_map gives class index {labels.max()} but 'classes' has "
+                    f"{len(spec.classes)} names"
+                )
+            names = list(spec.classes)
     task = spec.task or ("binary" if len(names) <= 2 else "multiclass")
     return labels, task, names
 
