@@ -172,6 +172,45 @@ def test_decode_8_and_16_bit():
         decode_image(_png(eight)[:200])
 
 
+def test_gray_png_fast_path_matches_pil_and_leaves_other_pngs_to_it():
+    from raddino.data.imageio import _is_plain_gray_png, pil_to_gray
+    from raddino.data.preprocess import encode_png
+
+    def pil_decode(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return pil_to_gray(image)
+
+    eight, sixteen = _image(2, np.uint8), _image(3, np.uint16)
+    # what the shard builder writes (encode_png) and PIL's own writer: OpenCV's decode, identical to PIL's
+    for data in (encode_png(eight, compress_level=1), encode_png(sixteen, compress_level=1), _png(eight)):
+        assert _is_plain_gray_png(data)
+        out = decode_image(data)
+        reference = pil_decode(data)
+        assert out.dtype == reference.dtype and np.array_equal(out, reference)
+    # modes whose gray value PIL + pil_to_gray defines (alpha, palette, transparency, colour, 1 bit): not the
+    # fast path, and still decoded as before
+    buffer = io.BytesIO()
+    Image.fromarray(eight).save(buffer, format="PNG", transparency=7)
+    others = {
+        "gray + tRNS": buffer.getvalue(),
+        "LA": _png(np.stack([eight, eight[::-1]], axis=-1)),
+        "RGB": _png(np.stack([eight, eight[::-1], eight.T], axis=-1)),
+        "P": _png_of(Image.fromarray(eight).convert("P")),
+        "1": _png_of(Image.fromarray(eight > 127)),
+    }
+    for name, data in others.items():
+        assert not _is_plain_gray_png(data), name
+        assert np.array_equal(decode_image(data), pil_decode(data)), name
+    assert not _is_plain_gray_png(b"not an image")
+
+
+def _png_of(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_16_bit_depth_reaches_the_crops(tmp_path):
     """A 16-bit shard image arrives in the global crop with all its levels (>> 256), scaled by 1/65535."""
     side = 28
