@@ -461,6 +461,25 @@ def test_demo_probe_and_eval_share_one_preprocessing(dtype, shape):
     torch.testing.assert_close(out, _former_eval_transform(image, size=30, mean=mean, std=std), atol=2e-6, rtol=0)
 
 
+def test_dinov2_reference_pipeline_shapes_normalisation_and_masks():
+    # the benchmark's DINOv2 pipeline: 2 global + n local crops of an encoded gray PNG, ImageNet-normalised RGB,
+    # one of the two global crops masked (mask_prob 0.5) with a ratio in range
+    from raddino.data.dinov2_pipeline import DINOv2Pipeline
+    from raddino.data.preprocess import encode_png
+
+    torch.manual_seed(0)
+    pipeline = DINOv2Pipeline(global_size=28, local_size=14, n_local=3, grid=(4, 4), seed=0)
+    data = encode_png(synthetic_cxr(7, seed=0, size=64)[0], compress_level=1)
+    for _ in range(5):
+        g, loc, masks = pipeline(data)
+        assert g.shape == (2, 3, 28, 28) and loc.shape == (3, 3, 14, 14) and masks.shape == (2, 16)
+        mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+        for crops in (g, loc):  # pixel values in [0, 1] before Normalize
+            assert (crops >= -mean / std - 1e-5).all() and (crops <= (1 - mean) / std + 1e-5).all()
+        counts = sorted(masks.sum(1).tolist())
+        assert counts[0] == 0 and 0.1 * 16 - 1 <= counts[1] <= 0.5 * 16 + 1
+
+
 # ------------------------------------------------------------------------------------------------------ masks
 
 

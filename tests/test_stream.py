@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -422,6 +423,17 @@ def test_bench_loader_command(capsys):
     args = parser.parse_args(["bench", "loader", *tiny.split()])
     assert args.func(args) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = [line.split() for line in lines if line.split()[:1] in (["8-bit"], ["16-bit"]) and "alone" not in line]
+    ours = [line for line in lines if line.split()[:1] in (["8-bit"], ["16-bit"])]
+    rows = [line.split() for line in ours if "alone" not in line and "side by side" not in line]
     assert [(r[0], r[3]) for r in rows] == [("8-bit", "0"), ("16-bit", "0")]
     assert all(float(r[4]) > 0 for r in rows)
+    # raddino's and DINOv2's pipelines side by side, with their ratio
+    both = [
+        re.search(r"raddino \(pyramid\) ([\d.]+) images/s, DINOv2 ([\d.]+) images/s, ratio ([\d.]+)x", line)
+        for line in ours
+    ]
+    both = [match for match in both if match]
+    assert len(both) == 2
+    for match in both:
+        raddino, dinov2, ratio = (float(value) for value in match.groups())
+        assert raddino > 0 and dinov2 > 0 and ratio == pytest.approx(raddino / dinov2, rel=0.05, abs=0.06)
