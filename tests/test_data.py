@@ -240,15 +240,15 @@ def test_multicrop_crop_matches_torchvision_resized_crop():
     # One global crop, no jitter, vs torchvision's crop-then-resize of the box drawn from the same generator.
     # interpolation="bicubic" is PIL's filter: its box resize also reads pixels just outside the box for its filter
     # support, so the outermost output pixels may differ slightly; the interior must agree. The reduced-copy
-    # shortcut (reducing_gap) stays within ~1 gray level on average on this small, noisy image. The default
-    # "pyramid" resampling approximates the filter: per pixel it differs on noise, but not on average.
+    # shortcut (reducing_gap) stays within ~1 gray level on average (a few pixels up to 12) on this small, noisy
+    # image. The default "pyramid" resampling approximates the filter: per pixel it differs on noise, not on average.
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as tvf
 
     image = synthetic_cxr(3, seed=0, size=90)[0]
     cases = (
         ("bicubic", None, 1.5 / 255, 0.6 / 255),
-        ("bicubic", 2.0, 8 / 255, 2.0 / 255),
+        ("bicubic", 2.0, 14 / 255, 2.0 / 255),
         ("pyramid", None, None, 5 / 255),
     )
     for interpolation, reducing_gap, atol, mean_atol in cases:
@@ -275,7 +275,7 @@ def test_multicrop_crop_matches_torchvision_resized_crop():
 
 
 def _former_random_resized_crop_box(height, width, scale, rng):
-    """``random_resized_crop_box`` as it was before the loader speed-up (numpy throughout), for the first case."""
+    """``random_resized_crop_box`` as it was before the loader speed-up (four numpy draws); None for the fallback."""
     area = height * width
     targets = area * rng.uniform(scale[0], scale[1], size=10)
     ratios = np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), size=10))
@@ -290,15 +290,32 @@ def _former_random_resized_crop_box(height, width, scale, rng):
     return left, top, left + w, top + h
 
 
-def test_random_resized_crop_boxes_are_unchanged_by_the_speed_up():
-    # Same seed -> the same boxes as the former implementation, so the area / aspect distribution is unchanged.
-    for (height, width), scale in (((512, 512), (0.32, 1.0)), ((512, 512), (0.05, 0.32)), ((90, 300), (0.5, 1.0))):
-        ours_rng, former_rng = np.random.default_rng(11), np.random.default_rng(11)
-        for _ in range(2000):
-            former = _former_random_resized_crop_box(height, width, scale, former_rng)
-            if former is None:  # the centre-crop fallback draws nothing more; covered by the test above
-                break
-            assert random_resized_crop_box(height, width, scale, ours_rng) == former
+def _box_features(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, ...]:
+    """(N, 4) boxes -> area fraction, log aspect ratio, centre x, centre y."""
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return w * h / (height * width), np.log(w / h), (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+
+
+def test_random_resized_crop_boxes_keep_their_distribution():
+    # The box sampler draws one vector of uniforms instead of four numpy calls: other boxes per seed, the same law.
+    # Two-sample Kolmogorov-Smirnov tests against the former sampler (4000 boxes each, fixed seeds) on the area
+    # fraction, the log aspect ratio and the box centre; a wrong range or a biased offset fails them (p < 1e-3).
+    from scipy.stats import ks_2samp
+
+    for (height, width), scale in (((512, 512), (0.32, 1.0)), ((512, 512), (0.05, 0.32)), ((300, 200), (0.5, 1.0))):
+        ours_rng, former_rng = np.random.default_rng(1), np.random.default_rng(2)
+        ours = np.array([random_resized_crop_box(height, width, scale, ours_rng) for _ in range(4000)], float)
+        former = [_former_random_resized_crop_box(height, width, scale, former_rng) for _ in range(4000)]
+        former = np.array([box for box in former if box is not None], float)
+        assert len(former) > 3900
+        for boxes in (ours, former):
+            assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+
+        names = ("area", "log aspect", "centre x", "centre y")
+        for name, a, b in zip(
+            names, _box_features(ours, height, width), _box_features(former, height, width), strict=True
+        ):
+            assert ks_2samp(a, b).pvalue > 1e-3, (scale, name)
 
 
 def _crop_statistics(crops: torch.Tensor) -> np.ndarray:
@@ -318,9 +335,9 @@ def test_pyramid_resampling_keeps_the_crop_distribution():
     exact = MultiCropAugmentation(global_size=224, local_size=98, interpolation="bicubic", reducing_gap=None)
     fast = MultiCropAugmentation(global_size=224, local_size=98)
     stats_exact, stats_fast = [], []
-    for index in range(6):
+    for index in range(4):
         image = synthetic_cxr(index, seed=0, size=512)[0]
-        for seed in range(4):
+        for seed in range(3):
             for ours, bucket in ((exact, stats_exact), (fast, stats_fast)):
                 g, loc = ours(image, np.random.default_rng([index, seed]))
                 bucket.append(np.concatenate([_crop_statistics(g), _crop_statistics(loc)]))

@@ -33,6 +33,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 _RESIZE_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 times before falling back to a center crop
+BOX_DRAWS = 2 * _RESIZE_ATTEMPTS + 2  # uniforms per crop box: area and aspect of each try, then top and left
+# uniforms per crop after its box: flip, jitter (gate, order, brightness, contrast), blur (gate, sigma), solarise
+_CROP_DRAWS = 8
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 INTERPOLATIONS = ("pyramid", *_RESAMPLE)
 # Remaining shrinks below this are resized bilinearly alone (see _PyramidResampler); chosen where plain bilinear's
@@ -56,19 +59,30 @@ def random_resized_crop_box(
     """torchvision's ``RandomResizedCrop.get_params`` with a numpy generator -> PIL box ``(left, top, right, bottom)``.
 
     The crop covers ``scale`` of the image area with an aspect ratio log-uniform in [3/4, 4/3]; after 10 failed tries
-    it falls back to the largest center crop whose ratio is within bounds.
+    it falls back to the largest center crop whose ratio is within bounds. Draws :data:`BOX_DRAWS` uniforms.
+    """
+    return _box_from_uniforms(height, width, scale, rng.random(BOX_DRAWS).tolist())
+
+
+def _box_from_uniforms(
+    height: int, width: int, scale: tuple[float, float], uniforms: list[float]
+) -> tuple[int, int, int, int]:
+    """The box of :func:`random_resized_crop_box` from ``BOX_DRAWS`` uniforms in [0, 1): 10 area fractions, 10 log
+    aspect ratios, then the top and left offsets of the first try that fits.
+
+    Plain floats: numpy calls on 10-element arrays cost more than the arithmetic, and one draw for all of it is
+    cheaper than four (``a + (b - a) * u`` is how numpy's ``uniform`` maps its draw; ``floor(u * n)`` is uniform
+    over ``0 .. n - 1`` as ``integers(0, n)``).
     """
     area = height * width
-    # Two vectorised draws of all 10 tries, then plain floats: numpy calls on 10-element arrays cost more than the
-    # arithmetic, and the draws (hence the boxes of a seed) are the same as before.
-    targets = rng.uniform(scale[0], scale[1], size=_RESIZE_ATTEMPTS).tolist()
-    log_ratios = rng.uniform(_LOG_RATIO[0], _LOG_RATIO[1], size=_RESIZE_ATTEMPTS).tolist()
-    for target, log_ratio in zip(targets, log_ratios, strict=True):
-        ratio = math.exp(log_ratio)
-        w, h = round(math.sqrt(area * target * ratio)), round(math.sqrt(area * target / ratio))  # half to even
+    low, span = scale[0], scale[1] - scale[0]
+    for i in range(_RESIZE_ATTEMPTS):
+        target = area * (low + span * uniforms[i])
+        ratio = math.exp(_LOG_RATIO[0] + (_LOG_RATIO[1] - _LOG_RATIO[0]) * uniforms[_RESIZE_ATTEMPTS + i])
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))  # half to even, as np.rint
         if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
+            top = int(uniforms[2 * _RESIZE_ATTEMPTS] * (height - h + 1))
+            left = int(uniforms[2 * _RESIZE_ATTEMPTS + 1] * (width - w + 1))
             return left, top, left + w, top + h
     in_ratio = width / height
     if in_ratio < 3 / 4:
@@ -88,9 +102,8 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     ``BORDER_REFLECT_101``); images not larger than the radius repeat the edge instead.
     """
     radius = max(1, math.ceil(3.0 * sigma))
-    taps = np.arange(-radius, radius + 1, dtype=np.float32)
-    kernel = np.exp(-0.5 * (taps / np.float32(sigma)) ** 2)
-    kernel /= kernel.sum()
+    # exp(-x^2 / (2 sigma^2)) at x = -radius..radius, normalised to sum 1 (computed in float64)
+    kernel = cv2.getGaussianKernel(2 * radius + 1, sigma, cv2.CV_32F)
     values = np.asarray(image, dtype=np.float32)
     border = cv2.BORDER_REFLECT_101 if min(values.shape) > radius else cv2.BORDER_REPLICATE
     return cv2.sepFilter2D(values, cv2.CV_32F, kernel, kernel, borderType=border)
@@ -297,13 +310,15 @@ class MultiCropAugmentation:
             )
         return globals_, locals_
 
-    def _sample_jitter(self, rng: np.random.Generator) -> Jitter:
-        if rng.random() >= self.jitter_p:
+    def _jitter_from_uniforms(self, gate: float, order: float, brightness: float, contrast: float) -> Jitter:
+        if gate >= self.jitter_p:
             return Jitter()
-        contrast_first = bool(rng.random() < 0.5)  # torchvision's ColorJitter applies its ops in a random order
-        brightness = rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness) if self.brightness > 0 else None
-        contrast = rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast) if self.contrast > 0 else None
-        return Jitter(brightness=brightness, contrast=contrast, contrast_first=contrast_first)
+        low_b, low_c = max(0.0, 1 - self.brightness), max(0.0, 1 - self.contrast)
+        return Jitter(
+            brightness=low_b + (1 + self.brightness - low_b) * brightness if self.brightness > 0 else None,
+            contrast=low_c + (1 + self.contrast - low_c) * contrast if self.contrast > 0 else None,
+            contrast_first=order < 0.5,  # torchvision's ColorJitter applies its ops in a random order
+        )
 
     def _crop_into(
         self,
@@ -316,12 +331,19 @@ class MultiCropAugmentation:
         solarize_p: float,
         rng: np.random.Generator,
     ) -> None:
-        """Write one normalised (3, size, size) crop into ``out``. Draws from ``rng`` in a fixed order."""
-        box = random_resized_crop_box(shape[0], shape[1], scale, rng)
-        flip = rng.random() < self.flip_p
-        jitter = self._sample_jitter(rng)
-        sigma = rng.uniform(*self.blur_sigma) if rng.random() < blur_p else None
-        solarized = rng.random() < solarize_p
+        """Write one normalised (3, size, size) crop into ``out``.
+
+        Draws a fixed number of uniforms from ``rng`` in one call (whatever is applied), in a fixed order: the box,
+        then flip, jitter, blur and solarisation.
+        """
+        uniforms = rng.random(BOX_DRAWS + _CROP_DRAWS).tolist()
+        box = _box_from_uniforms(shape[0], shape[1], scale, uniforms)
+        flip_u, gate_u, order_u, brightness_u, contrast_u, blur_u, sigma_u, solarize_u = uniforms[BOX_DRAWS:]
+        flip = flip_u < self.flip_p
+        jitter = self._jitter_from_uniforms(gate_u, order_u, brightness_u, contrast_u)
+        low, high = self.blur_sigma
+        sigma = low + (high - low) * sigma_u if blur_u < blur_p else None
+        solarized = solarize_u < solarize_p
 
         # Everything after the resize runs on the small crop. Jitter (a mean and point operations), the blur
         # (symmetric kernel, mirrored borders) and solarisation commute with a horizontal flip, so the flip comes
