@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -170,6 +171,45 @@ def test_decode_8_and_16_bit():
         decode_image(b"not an image")
     with pytest.raises(UnusableImage, match="truncated"):
         decode_image(_png(eight)[:200])
+
+
+def test_gray_png_fast_path_matches_pil_and_leaves_other_pngs_to_it():
+    from raddino.data.imageio import _is_plain_gray_png, pil_to_gray
+    from raddino.data.preprocess import encode_png
+
+    def pil_decode(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return pil_to_gray(image)
+
+    eight, sixteen = _image(2, np.uint8), _image(3, np.uint16)
+    # what the shard builder writes (encode_png) and PIL's own writer: OpenCV's decode, identical to PIL's
+    for data in (encode_png(eight, compress_level=1), encode_png(sixteen, compress_level=1), _png(eight)):
+        assert _is_plain_gray_png(data)
+        out = decode_image(data)
+        reference = pil_decode(data)
+        assert out.dtype == reference.dtype and np.array_equal(out, reference)
+    # modes whose gray value PIL + pil_to_gray defines (alpha, palette, transparency, colour, 1 bit): not the
+    # fast path, and still decoded as before
+    buffer = io.BytesIO()
+    Image.fromarray(eight).save(buffer, format="PNG", transparency=7)
+    others = {
+        "gray + tRNS": buffer.getvalue(),
+        "LA": _png(np.stack([eight, eight[::-1]], axis=-1)),
+        "RGB": _png(np.stack([eight, eight[::-1], eight.T], axis=-1)),
+        "P": _png_of(Image.fromarray(eight).convert("P")),
+        "1": _png_of(Image.fromarray(eight > 127)),
+    }
+    for name, data in others.items():
+        assert not _is_plain_gray_png(data), name
+        assert np.array_equal(decode_image(data), pil_decode(data)), name
+    assert not _is_plain_gray_png(b"not an image")
+
+
+def _png_of(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_16_bit_depth_reaches_the_crops(tmp_path):
@@ -383,6 +423,17 @@ def test_bench_loader_command(capsys):
     args = parser.parse_args(["bench", "loader", *tiny.split()])
     assert args.func(args) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = [line.split() for line in lines if line.split()[:1] in (["8-bit"], ["16-bit"]) and "alone" not in line]
+    ours = [line for line in lines if line.split()[:1] in (["8-bit"], ["16-bit"])]
+    rows = [line.split() for line in ours if "alone" not in line and "side by side" not in line]
     assert [(r[0], r[3]) for r in rows] == [("8-bit", "0"), ("16-bit", "0")]
     assert all(float(r[4]) > 0 for r in rows)
+    # raddino's and DINOv2's pipelines side by side, with their ratio
+    both = [
+        re.search(r"raddino \(pyramid\) ([\d.]+) images/s, DINOv2 ([\d.]+) images/s, ratio ([\d.]+)x", line)
+        for line in ours
+    ]
+    both = [match for match in both if match]
+    assert len(both) == 2
+    for match in both:
+        raddino, dinov2, ratio = (float(value) for value in match.groups())
+        assert raddino > 0 and dinov2 > 0 and ratio == pytest.approx(raddino / dinov2, rel=0.05, abs=0.06)

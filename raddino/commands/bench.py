@@ -5,7 +5,8 @@
 shuffle buffer, PIL decode, multi-crop, iBOT masks, collation), in the main process (``--workers 0``, torch
 threads = 1) and with N DataLoader worker processes, on temporary 8- and 16-bit PNG shards made from the synthetic
 generator (or on ``--shards``). It also times decoding alone and crops + masks alone in one process, so the
-bottleneck is visible.
+bottleneck is visible, and, side by side in one process, decode + crops + masks per image of raddino's pipeline
+and of DINOv2's (:mod:`raddino.data.dinov2_pipeline`, torchvision transforms on PIL) on the same encoded images.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Times the pretraining shard stream (tar reading, shuffle, PIL decode, multi-crop, iBOT masks, collation)\n"
             "on temporary synthetic 8- and 16-bit PNG shards, or on --shards. Per configuration it prints images/s\n"
             "and images/s per worker process (--workers 0 runs in this process with one torch thread), plus decode\n"
-            "alone and crops + masks alone in one process."
+            "alone and crops + masks alone in one process, and decode + crops + masks of raddino's pipeline and of\n"
+            "DINOv2's (torchvision on PIL) side by side in one process, with their ratio."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -90,6 +92,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     loader.add_argument("--n-global", type=int, default=2, help="global crops per image (default 2)")
     loader.add_argument("--n-local", type=int, default=8, help="local crops per image (default 8)")
     loader.add_argument("--patch-size", type=int, default=14, help="ViT patch size for the masks (default 14)")
+    loader.add_argument(
+        "--interpolation",
+        default="pyramid",
+        help="crop resampling of raddino's pipeline: pyramid (default), bicubic (PIL's filter, as DINOv2) or bilinear",
+    )
+    loader.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds of the side-by-side timing, best round counts (default 3)",
+    )
     loader.add_argument("--shuffle-buffer", type=int, default=100, help="shuffle buffer per worker (default 100)")
     loader.add_argument("--seed", type=int, default=0, help="stream and synthetic-image seed (default 0)")
     loader.set_defaults(func=run_loader)
@@ -262,7 +275,11 @@ def _stream(args: argparse.Namespace, patterns: list[str], num_batches: int):
     from raddino.data.stream import ShardStream, shard_sets
 
     augmentation = MultiCropAugmentation(
-        global_size=args.global_size, local_size=args.local_size, n_global=args.n_global, n_local=args.n_local
+        global_size=args.global_size,
+        local_size=args.local_size,
+        n_global=args.n_global,
+        n_local=args.n_local,
+        interpolation=args.interpolation,
     )
     return ShardStream(
         datasets=shard_sets(patterns),
@@ -325,18 +342,88 @@ def _time_stages(args: argparse.Namespace, patterns: list[str]) -> tuple[float, 
     return decode, augment
 
 
+@dataclass(frozen=True)
+class SideBySide:
+    """Images/s of decode + crops + masks in one process, raddino's pipeline and DINOv2's, on the same images."""
+
+    raddino: float
+    dinov2: float
+
+    @property
+    def ratio(self) -> float:
+        return self.raddino / self.dinov2
+
+
+def _time_side_by_side(args: argparse.Namespace, patterns: list[str]) -> SideBySide:
+    """Both pipelines on the same ``2 * batch_size`` encoded images in ``args.rounds`` interleaved rounds.
+
+    Interleaving and taking each pipeline's best round keeps the ratio meaningful on a machine shared with other
+    jobs (a slow spell hits one round of each, not one pipeline).
+    """
+    import torch
+
+    from raddino.data.dataset import make_ssl_sample, sample_generator
+    from raddino.data.dinov2_pipeline import DINOv2Pipeline
+    from raddino.data.imageio import decode_image
+
+    stream = _stream(args, patterns, 1)
+    encoded = [
+        raw.data for raw, _ in zip(stream.worker_stream().raw_samples(), range(args.batch_size * 2), strict=False)
+    ]
+    augmentation = stream.augmentation
+    dinov2 = DINOv2Pipeline(
+        global_size=args.global_size,
+        local_size=args.local_size,
+        n_local=args.n_local,
+        global_scale=augmentation.global_scale,
+        local_scale=augmentation.local_scale,
+        grid=stream.grid,
+        mask_prob=stream.mask_prob,
+        mask_ratio=stream.mask_ratio,
+        seed=args.seed,
+    )
+
+    def raddino_pipeline() -> None:
+        for position, data in enumerate(encoded):
+            make_ssl_sample(
+                decode_image(data),
+                None,
+                augmentation=augmentation,
+                grid=stream.grid,
+                mask_prob=stream.mask_prob,
+                mask_ratio=stream.mask_ratio,
+                rng=sample_generator(args.seed, position),
+            )
+
+    def dinov2_pipeline() -> None:
+        for data in encoded:
+            dinov2(data)
+
+    torch.manual_seed(args.seed)  # torchvision's random transforms draw from torch's global generator
+    best = {raddino_pipeline: float("inf"), dinov2_pipeline: float("inf")}
+    for _ in range(args.rounds):
+        for pipeline in best:
+            start = time.perf_counter()
+            pipeline()
+            best[pipeline] = min(best[pipeline], time.perf_counter() - start)
+    return SideBySide(raddino=len(encoded) / best[raddino_pipeline], dinov2=len(encoded) / best[dinov2_pipeline])
+
+
 def run_loader(args: argparse.Namespace) -> int:
     import torch
 
     from raddino.errors import RaddinoError
 
-    if args.batch_size < 1 or args.batches < 1 or args.images < 1 or args.size < 16:
-        raise RaddinoError("--batch-size, --batches and --images must be >= 1 and --size >= 16")
+    if args.batch_size < 1 or args.batches < 1 or args.images < 1 or args.rounds < 1 or args.size < 16:
+        raise RaddinoError("--batch-size, --batches, --images and --rounds must be >= 1 and --size >= 16")
     if any(b not in (8, 16) for b in args.bit_depths):
         raise RaddinoError(f"--bit-depths must be 8 and/or 16, got {args.bit_depths}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = torch.get_num_threads()
+    import cv2
+
+    threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)  # the main process works like one DataLoader worker
+    cv2.setNumThreads(1)
     try:
         with tempfile.TemporaryDirectory(prefix="raddino-bench-") as tmp:
             if args.shards:
@@ -375,8 +462,17 @@ def run_loader(args: argparse.Namespace) -> int:
                     f"{label:<18} one process: decode alone {decode:.0f} images/s, crops + masks alone "
                     f"{augment:.0f} images/s"
                 )
+                both = _time_side_by_side(args, patterns)
+                print(
+                    f"{label:<18} side by side, decode + crops + masks: raddino ({args.interpolation}) "
+                    f"{both.raddino:.1f} images/s, DINOv2 {both.dinov2:.1f} images/s, ratio {both.ratio:.1f}x",
+                    flush=True,
+                )
     finally:
         torch.set_num_threads(threads)
+        cv2.setNumThreads(cv2_threads)
+    if args.n_global != 2:
+        print(f"note: DINOv2's pipeline always makes 2 global crops (raddino's here: {args.n_global})")
     if max(args.workers) > cores:
         print(f"note: more workers than the {cores} available cores; per-process numbers are then not per core")
     return 0

