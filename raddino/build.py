@@ -131,6 +131,7 @@ def augmentation_from_config(crops: DictConfig) -> MultiCropAugmentation:
         blur_sigma=tuple(crops.blur_sigma),
         global_blur_p=tuple(crops.global_blur_p),
         local_blur_p=crops.local_blur_p,
+        interpolation=crops.interpolation,
     )
 
 

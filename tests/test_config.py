@@ -38,6 +38,7 @@ def test_defaults_recipe_then_overrides_and_frozen():
         ("crops.global_blur_p=[1.5]", "crops.global_blur_p"),
         ("crops.global_blur_p=[]", "crops.global_blur_p"),
         ("crops.local_blur_p=-0.1", "crops.local_blur_p"),
+        ("crops.interpolation=lanczos", "crops.interpolation"),
     ],
 )
 def test_bad_override_names_the_key(override, key):
@@ -141,3 +142,15 @@ def test_blur_settings_reach_the_augmentation():
     assert (aug.blur_sigma, aug.global_blur_p, aug.local_blur_p) == ((0.05, 0.5), (0.0, 0.9), 0.25)
     default = augmentation_from_config(load_config("tiny_cpu", []).crops)  # DINOv2's values unless a recipe says
     assert (default.blur_sigma, default.global_blur_p, default.local_blur_p) == ((0.1, 2.0), (1.0, 0.1), 0.5)
+    assert default.interpolation == "pyramid"
+    assert (
+        augmentation_from_config(load_config("tiny_cpu", ["crops.interpolation=bicubic"]).crops).interpolation
+        == "bicubic"
+    )
+
+
+def test_interpolation_choices_are_the_augmentations():
+    from raddino.config import _CHOICES
+    from raddino.data.augment import INTERPOLATIONS
+
+    assert _CHOICES["crops.interpolation"] == INTERPOLATIONS  # a new resampler must be selectable from config
