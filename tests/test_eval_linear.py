@@ -37,7 +37,15 @@ def test_binary_probe_is_sklearn_at_the_selected_C():
     expected = reference.predict_proba(scaler(test[0]))[:, 1]
     np.testing.assert_allclose(result.test_scores, expected, atol=1e-4)  # warm-started path vs cold fit
     assert result.test_metrics["auroc"] == pytest.approx(roc_auc_score(test[1], result.test_scores))
-    assert set(result.test_metrics) == {"auroc", "auprc", "accuracy", "balanced_accuracy", "f1_macro", "f1_weighted"}
+    assert set(result.test_metrics) == {
+        "auroc",
+        "auprc",
+        "accuracy",
+        "balanced_accuracy",
+        "f1_macro",
+        "f1_weighted",
+        "kappa_quadratic",
+    }
     assert result.test_metrics["auroc"] > 0.8
     low, high = result.test_ci["auroc"]
     assert low <= result.test_metrics["auroc"] <= high

@@ -56,6 +56,8 @@ def test_multiclass_metrics_match_sklearn():
     assert report.values["accuracy"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-12)
     assert report.values["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=1e-12)
     assert report.values["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"), abs=1e-12)
+    kappa = skm.cohen_kappa_score(y, pred, weights="quadratic", labels=range(c))
+    assert report.values["kappa_quadratic"] == pytest.approx(kappa, abs=1e-12)
     # class 3 never predicted: its F1 is 0 and still weighs by its support
     pred[pred == 3] = 0
     report = M.evaluate(task="multiclass", y_true=y, scores=np.eye(c)[pred], n_bootstrap=0)
@@ -73,6 +75,8 @@ def test_multilabel_metrics_match_sklearn():
     assert report.values["auroc"] == pytest.approx(skm.roc_auc_score(y, scores, average="macro"), abs=1e-12)
     assert report.values["auprc"] == pytest.approx(skm.average_precision_score(y, scores, average="macro"), abs=1e-12)
     assert report.values["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"), abs=1e-12)
+    kappas = [skm.cohen_kappa_score(y[:, j], pred[:, j], weights="quadratic", labels=[0, 1]) for j in range(k)]
+    assert report.values["kappa_quadratic"] == pytest.approx(np.mean(kappas), abs=1e-12)
     assert report.values["f1_weighted"] == pytest.approx(skm.f1_score(y, pred, average="weighted"), abs=1e-12)
     label_accuracy = np.mean([skm.accuracy_score(y[:, j], pred[:, j]) for j in range(k)])
     label_balanced = np.mean([skm.balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(k)])
@@ -167,3 +171,17 @@ def test_shape_errors_are_user_errors():
         M.evaluate(task="ordinal", y_true=np.zeros(3), scores=np.zeros(3))
     with pytest.raises(RaddinoError, match="multiclass"):
         M.evaluate(task="multiclass", y_true=np.zeros(3), scores=np.zeros(3))
+
+
+def test_quadratic_kappa_weighs_grade_distance_and_bootstraps_like_sklearn():
+    y = np.array([0, 1, 2, 3, 4] * 20)
+    near = np.clip(y + np.tile([0, 1, -1, 0, 1], 20), 0, 4)  # off by one grade
+    far = (y + 2) % 5  # off by two or more grades
+    reports = [M.evaluate(task="multiclass", y_true=y, scores=np.eye(5)[p], n_bootstrap=0) for p in (near, far)]
+    assert reports[0].values["kappa_quadratic"] > 0.8 > 0.0 > reports[1].values["kappa_quadratic"]
+    rng = np.random.default_rng(5)
+    w = rng.multinomial(len(y), np.full(len(y), 1 / len(y)), size=3).astype(float)
+    cm = M.weighted_confusion(y, near, 5, w)
+    for b in range(3):
+        expected = skm.cohen_kappa_score(y, near, weights="quadratic", labels=range(5), sample_weight=w[b])
+        assert M.confusion_kappa_quadratic(cm)[b] == pytest.approx(expected, abs=1e-12)

@@ -21,6 +21,10 @@ Conventions (``task``):
 ``f1_weighted`` is scikit-learn's ``f1_score(average="weighted")``: per-class F1 weighted by the true support (the
 metric Huang et al. 2024 report); for multi-label, per-label F1 weighted by each label's positives.
 
+``kappa_quadratic`` is Cohen's kappa with quadratic weights (scikit-learn's ``cohen_kappa_score(weights=
+"quadratic", labels=range(C))``), the usual score of ordinal grades such as APTOS2019's diabetic retinopathy
+grades 0-4; in [-1, 1]; for multi-label, the mean over labels (each a 2-class kappa).
+
 Classes or labels with a single class present in ``y`` are skipped in macro AUROC / AUPRC (they are undefined);
 in a resample where a class is missing the macro average is over the classes present.
 """
@@ -43,7 +47,15 @@ log = logging.getLogger(__name__)
 
 Task = Literal["binary", "multiclass", "multilabel", "regression"]
 TASKS: tuple[str, ...] = ("binary", "multiclass", "multilabel", "regression")
-CLASSIFICATION_METRICS = ("auroc", "auprc", "accuracy", "balanced_accuracy", "f1_macro", "f1_weighted")
+CLASSIFICATION_METRICS = (
+    "auroc",
+    "auprc",
+    "accuracy",
+    "balanced_accuracy",
+    "f1_macro",
+    "f1_weighted",
+    "kappa_quadratic",
+)
 REGRESSION_METRICS = ("r2", "mae", "pearson_r")
 # Cap on B * N elements per bootstrap chunk (float32: 4 MB per array; small arrays stay in cache, measured faster).
 _CHUNK_ELEMENTS = 1_000_000
@@ -162,6 +174,17 @@ def confusion_f1_weighted(cm: np.ndarray) -> np.ndarray:
         return (f1 * support).sum(axis=1) / support.sum(axis=1)
 
 
+def confusion_kappa_quadratic(cm: np.ndarray) -> np.ndarray:
+    """Quadratic-weighted Cohen's kappa ``(B,)`` from ``(B, C, C)`` (NaN when chance agreement is perfect)."""
+    n_classes = cm.shape[1]
+    grades = np.arange(n_classes, dtype=np.float64)
+    weights = (grades[:, None] - grades[None, :]) ** 2  # disagreement cost grows with the grade distance
+    total = cm.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = cm.sum(axis=2)[:, :, None] * cm.sum(axis=1)[:, None, :] / total[:, None, None]
+        return 1.0 - (cm * weights).sum(axis=(1, 2)) / (expected * weights).sum(axis=(1, 2))
+
+
 def _class_metrics(cm: np.ndarray, auroc: np.ndarray, auprc: np.ndarray) -> dict[str, np.ndarray]:
     """The single-label classification metrics from confusion matrices ``(B, C, C)`` and ranking scores ``(B,)``."""
     return {
@@ -171,6 +194,7 @@ def _class_metrics(cm: np.ndarray, auroc: np.ndarray, auprc: np.ndarray) -> dict
         "balanced_accuracy": confusion_balanced_accuracy(cm),
         "f1_macro": confusion_f1_macro(cm),
         "f1_weighted": confusion_f1_weighted(cm),
+        "kappa_quadratic": confusion_kappa_quadratic(cm),
     }
 
 
@@ -296,6 +320,7 @@ def _metric_fn(task: Task, y: np.ndarray, scores: np.ndarray, threshold: float |
                 "balanced_accuracy": np.mean([confusion_balanced_accuracy(cm) for cm in cms], axis=0),
                 "f1_macro": np.mean([binary_f1(cm) for cm in cms], axis=0),
                 "f1_weighted": _support_weighted([binary_f1(cm) for cm in cms], [cm[:, 1].sum(axis=1) for cm in cms]),
+                "kappa_quadratic": np.mean([confusion_kappa_quadratic(cm) for cm in cms], axis=0),
             }
 
         return multilabel
