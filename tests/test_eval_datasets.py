@@ -109,6 +109,27 @@ def test_csv_with_split_column_and_missing_column_error(tmp_path: Path):
         load_dataset(CsvSpec(name="m", path=str(tmp_path / "manifest.csv"), split_column="split"))
 
 
+def test_csv_one_hot_class_columns_with_task_multiclass(tmp_path: Path):
+    rows = ["path,A,B,C,split"]
+    for i in range(18):
+        _png(tmp_path / f"{i}.png", i)
+        hot = ",".join("1.0" if k == i % 3 else "0.0" for k in range(3))
+        rows.append(f"{i}.png,{hot},{('train', 'val', 'test')[(i // 3) % 3]}")
+    manifest = tmp_path / "gt.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    spec = CsvSpec(
+        name="isic", path=str(manifest), label_columns=("A", "B", "C"), task="multiclass", split_column="split"
+    )
+    dataset = load_dataset(spec)
+    assert dataset.task == "multiclass" and dataset.label_names == ["A", "B", "C"]
+    train = dataset.splits["train"]
+    assert [int(train.images.load(i)[0, 0]) % 3 for i in range(len(train))] == train.labels.tolist()
+    assert load_dataset(dataclasses.replace(spec, task=None)).task == "multilabel"  # without task: independent labels
+    manifest.write_text("\n".join([*rows, "2.png,1.0,1.0,0.0,train"]) + "\n")
+    with pytest.raises(RaddinoError, match="row 19 has 2 of the one-hot class columns A, B, C set"):
+        load_dataset(spec)
+
+
 def test_csv_nih_style_delimited_labels_split_lists_and_subfolders(tmp_path: Path):
     findings = ["Atelectasis|Effusion", "No Finding", "Effusion", "Atelectasis"]
     rows = ["Image Index,Finding Labels,Patient ID"]

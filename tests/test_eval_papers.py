@@ -70,7 +70,8 @@ def _write_csv(path: Path, header: list[str] | None, rows: list[list[object]]) -
 
 
 def write_huix_data(root: Path, *, n: int = 40, seed: int = 0) -> None:
-    """APTOS2019, CBIS-DDSM (mass + calc, DICOM), ISIC2016 (headerless CSVs) and CheXpert-small under ``root``."""
+    """APTOS2019, CBIS-DDSM (mass + calc, DICOM), ISIC2016 (headerless CSVs), ISIC2019 (one-hot) and CheXpert-small
+    under ``root``."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
@@ -99,6 +100,13 @@ def write_huix_data(root: Path, *, n: int = 40, seed: int = 0) -> None:
             label = ("malignant" if malignant else "benign") if split == "Training" else float(malignant)
             rows.append([name, label])
         _write_csv(root / "isic2016" / f"ISBI2016_ISIC_Part3_{split}_GroundTruth.csv", None, rows)
+    classes = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+    rows = []
+    for i in range(n * 2):  # every class (UNK never) often enough for an 80 / 10 / 10 stratified carve
+        label = i % 8
+        _save(root / "isic2019" / "ISIC_2019_Training_Input" / f"ISIC_{i:07d}.jpg", _image(rng, label % 2, colour=True))
+        rows.append([f"ISIC_{i:07d}", *("1.0" if k == label else "0.0" for k in range(9))])
+    _write_csv(root / "isic2019" / "ISIC_2019_Training_GroundTruth.csv", ["image", *classes], rows)
     findings = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
     for split in ("train", "valid"):
         rows = []
@@ -226,6 +234,10 @@ def test_huix_suite_end_to_end_with_published_rows_in_the_report(tmp_path: Path)
     assert mass.splits["test"].images.load(0).dtype == np.float32  # DICOM pixels, min-max scaled
     isic = loaded["isic2016"]
     assert len(isic.splits["test"]) == 40 and isic.splits["test"].labels.sum() == 14  # words and numbers mapped
+    isic19 = loaded["isic2019"]  # one-hot columns -> class indices
+    assert isic19.task == "multiclass" and isic19.label_names == ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
+    assert {s: len(v) for s, v in isic19.splits.items()} == {"train": 64, "val": 8, "test": 8}
+    assert all(np.bincount(v.labels, minlength=8).tolist() == [len(v) // 8] * 8 for v in isic19.splits.values())
     # two of the suite's backbone labels, played by cheap stand-ins, so their published rows align
     backbones = (
         BackboneEntry(spec="pixels:8", name="DINOv2 ViT-B/14"),
@@ -257,13 +269,18 @@ def test_huix_suite_end_to_end_with_published_rows_in_the_report(tmp_path: Path)
         "cbis_ddsm_mass (auroc)",
         "cbis_ddsm_calc (auroc)",
         "isic2016 (auroc)",
+        "isic2019 (auroc)",
         "chexpert (auroc)",
     ]
     names = [r[0] for r in rows]
     dino = names.index("DINOv2 ViT-B/14")
     # the paper's rows sit right under the measured row they belong to
     assert names[dino + 1].startswith("↳ published: DINOv2 (ViT-B) (Huix et al. 2024 (WACV))")
-    assert all(cell == "– (auroc: no published value)" for cell in rows[dino + 1][1:])  # every cell empty, and says so
+    # every cell empty, and says so, under the metric of the authors' code for that dataset
+    assert rows[dino + 1][1:] == [
+        f"– ({metric}: no published value)"
+        for metric in ("kappa_quadratic", "auroc", "auroc", "auroc", "balanced_accuracy", "auroc")
+    ]
     made_up = next(r for r in rows if r[0].startswith("↳ published: Made-up"))
     assert names.index(made_up[0]) > dino and "Synthetic 2099, Table 9, p. 99" in made_up[0]
     measured = next(

@@ -23,7 +23,8 @@ class TableSpec(SpecBase):
     """The fields of row-based kinds (``csv`` and ``shards``; every field documented in ``docs/EVAL.md``).
 
     Attributes:
-        label_columns: columns / JSON fields holding labels (several -> multilabel).
+        label_columns: columns / JSON fields holding labels (several -> multilabel; several with
+            ``task: multiclass`` -> one-hot class columns, class ``k`` = the ``k``-th column).
         classes: (common field) class names, in index order (single-column string labels, or the vocabulary of
             ``label_delimiter``).
         label_delimiter: one column listing several findings, e.g. NIH's ``Finding Labels`` = ``A|B``.
@@ -118,7 +119,17 @@ def table_labels(spec: TableSpec, data: Rows) -> tuple[np.ndarray, Task, list[st
                 f"dataset {spec.name}: {data.source}: multilabel column '{columns[c]}' has value {labels[r, c]:g} "
                 "(expected 0 or 1; map others with value_map)"
             )
-        return labels.astype(np.int64), "multilabel", columns
+        if spec.task != "multiclass":
+            return labels.astype(np.int64), "multilabel", columns
+        # one-hot columns, one per class (ISIC 2018 / 2019 ground truth: MEL, NV, BCC, ... = 0.0 / 1.0)
+        hot = labels.sum(axis=1)
+        if (hot != 1).any():
+            r = int(np.flatnonzero(hot != 1)[0])
+            raise RaddinoError(
+                f"dataset {spec.name}: {data.source}: row {r + 1} has {int(hot[r])} of the one-hot class columns "
+                f"{', '.join(columns)} set (a multiclass dataset needs exactly one per row)"
+            )
+        return labels.argmax(axis=1).astype(np.int64), "multiclass", columns
     column = columns[0]
     if spec.task == "regression":
         values = [parse_value(row[column], spec=spec, column=column, source=data.source) for row in data.rows]
