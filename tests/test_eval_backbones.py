@@ -56,6 +56,22 @@ def test_timm_adapters_build_offline_and_yield_declared_dims(spec, size, dim, ha
             backbone.feature_dim("dinov2_linear")
 
 
+def test_cls_grid_is_the_cls_token_and_the_quadrant_means_of_the_patch_grid():
+    backbone = build_backbone_adapter("timm:vit_small_patch14_dinov2", random_init=True, img_size=56)  # 4 x 4 grid
+    x = _batch(backbone)
+    with torch.no_grad():
+        feats = backbone.features(x, ["cls", "cls_grid"])
+        patch = backbone.tokens(x, 1)[-1].patch.reshape(2, 4, 4, -1)  # (B, row, col, D)
+    d = backbone.patch_dim
+    quadrants = [patch[:, r : r + 2, c : c + 2].mean(dim=(1, 2)) for r in (0, 2) for c in (0, 2)]  # row-major
+    torch.testing.assert_close(feats["cls_grid"][:, :d], feats["cls"])
+    torch.testing.assert_close(feats["cls_grid"][:, d:], torch.cat(quadrants, dim=1), atol=1e-5, rtol=1e-5)
+    assert backbone.feature_dim("cls_grid") == 5 * d
+    tiny = build_backbone_adapter("timm:vit_small_patch14_dinov2", random_init=True, img_size=14)  # 1 x 1 grid
+    with pytest.raises(RaddinoError, match="square grid of at least 2 x 2 patch tokens, got 1"):
+        tiny.features(_batch(tiny), ["cls_grid"])
+
+
 def test_timm_dinov2_registers_are_not_patches():
     backbone = build_backbone_adapter("timm:vit_small_patch14_reg4_dinov2", random_init=True, img_size=28)
     with torch.no_grad():
