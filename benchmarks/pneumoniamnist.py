@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="pneumoniamnist.npz (MedMNIST v2, official splits)")
     parser.add_argument("--recipe", default="pneumoniamnist_tiny", help="pretraining recipe (configs/ name or YAML)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining seeds")
-    parser.add_argument("--features", nargs="+", default=["cls", "cls_mean", "dinov2_linear"])
+    parser.add_argument("--features", nargs="+", default=["cls", "cls_mean", "dinov2_linear", "cls_grid"])
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0], help="label fractions (e.g. 0.01 0.1 1)")
     parser.add_argument(
         "--set",
