@@ -221,7 +221,9 @@ def optimizer_from_config(cfg: DictConfig, model: SSLMetaArch):
         layer_decay=cfg.optim.layer_decay,
         patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
     )
-    return build_optimizer(groups, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    return build_optimizer(
+        groups, betas=(cfg.optim.beta1, cfg.optim.beta2), implementation=str(cfg.optim.implementation)
+    )
 
 
 def schedules_from_config(cfg: DictConfig, derived: Derived) -> Schedules:

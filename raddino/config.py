@@ -126,6 +126,9 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     freeze_last_layer_epochs: int = 1
+    # AdamW kernel: auto (torch's choice: the multi-tensor foreach path on CUDA) | foreach | fused (one kernel per
+    # parameter group; a GPU lever to measure) | for_loop (one parameter at a time, the reference)
+    implementation: str = "auto"
 
 
 @dataclass
@@ -191,6 +194,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.init_format": ("auto", "dinov2", "timm", "hf", "raddino"),
     "loss.centering": ("sinkhorn_knopp", "centering"),
     "crops.interpolation": ("pyramid", "bicubic", "bilinear"),
+    "optim.implementation": ("auto", "foreach", "fused", "for_loop"),
     "data.source": ("synthetic", "npz", "shards"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "fp32"),

@@ -86,9 +86,18 @@ def build_param_groups(
     return list(groups.values())
 
 
-def build_optimizer(param_groups: list[dict], *, betas: tuple[float, float]) -> torch.optim.AdamW:
+ADAMW_IMPLEMENTATIONS = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "for_loop": {"foreach": False}}
+
+
+def build_optimizer(
+    param_groups: list[dict], *, betas: tuple[float, float], implementation: str = "auto"
+) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``; ``implementation`` picks torch's kernel (:data:`ADAMW_IMPLEMENTATIONS`): the same
+    update up to float rounding, at different speeds."""
     # lr / weight_decay are set every step by apply_schedule; the values here are placeholders overwritten at step 0.
-    return torch.optim.AdamW(param_groups, lr=0.0, weight_decay=0.0, betas=betas)
+    return torch.optim.AdamW(
+        param_groups, lr=0.0, weight_decay=0.0, betas=betas, **ADAMW_IMPLEMENTATIONS[implementation]
+    )
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, *, lr: float, weight_decay: float, last_layer_lr: float) -> None:

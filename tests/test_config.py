@@ -149,6 +149,15 @@ def test_blur_settings_reach_the_augmentation():
     )
 
 
+def test_optim_implementation_is_validated_and_reaches_the_optimizer():
+    from raddino.build import meta_arch_from_config, optimizer_from_config
+
+    with pytest.raises(ConfigError, match="optim.implementation"):
+        load_config("tiny_cpu", ["optim.implementation=cuda_graphs"])
+    cfg = load_config("micro_cpu", ["optim.implementation=fused"])
+    assert optimizer_from_config(cfg, meta_arch_from_config(cfg)).defaults["fused"] is True
+
+
 def test_interpolation_choices_are_the_augmentations():
     from raddino.config import _CHOICES
     from raddino.data.augment import INTERPOLATIONS

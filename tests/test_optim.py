@@ -98,3 +98,45 @@ def test_frozen_last_layer_does_not_move(student):
     opt.zero_grad()
     assert torch.equal(student["dino_head"].last_layer.weight, before)
     assert not torch.equal(student["backbone"].blocks[0].attn.qkv.weight, qkv_before)
+
+
+@pytest.mark.parametrize("implementation", ["foreach", "fused", "for_loop"])
+def test_adamw_implementations_make_the_same_update(implementation):
+    from raddino.config import _CHOICES
+    from raddino.optim import ADAMW_IMPLEMENTATIONS
+
+    assert _CHOICES["optim.implementation"] == tuple(ADAMW_IMPLEMENTATIONS)  # every kernel selectable from config
+
+    def model() -> nn.ModuleDict:  # the parameter names of a student, in miniature: several groups
+        torch.manual_seed(0)
+        blocks = nn.ModuleList([nn.Linear(16, 16) for _ in range(2)])
+        backbone = nn.ModuleDict({"patch_embed": nn.Linear(8, 16), "blocks": blocks, "norm": nn.LayerNorm(16)})
+        return nn.ModuleDict({"backbone": backbone, "dino_head": nn.Linear(16, 4)})
+
+    def forward(m: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
+        h = m["backbone"]["patch_embed"](x)
+        for block in m["backbone"]["blocks"]:
+            h = h + torch.tanh(block(h))
+        return m["dino_head"](m["backbone"]["norm"](h))
+
+    models = {impl: model() for impl in ("auto", implementation)}
+    opts = {}
+    for impl, m in models.items():
+        groups = build_param_groups(m.named_parameters(), num_layers=2, layer_decay=0.5, patch_embed_lr_mult=0.2)
+        assert len(groups) > 3
+        opts[impl] = build_optimizer(groups, betas=(0.9, 0.999), implementation=impl)
+        apply_schedule(opts[impl], lr=1e-2, weight_decay=0.04, last_layer_lr=1e-2)
+    flag = "fused" if implementation == "fused" else "foreach"
+    assert opts[implementation].defaults[flag] is (implementation != "for_loop")
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    for _ in range(5):
+        for impl, m in models.items():
+            forward(m, x).square().mean().backward()
+            opts[impl].step()
+            opts[impl].zero_grad()
+    start = model()
+    for (name, a), b, s in zip(
+        models["auto"].named_parameters(), models[implementation].parameters(), start.parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+        assert not torch.equal(a, s), name  # every parameter moved
