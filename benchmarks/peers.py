@@ -455,7 +455,7 @@ def run_peer(name: str, shape: Shape, args, device: torch.device, missing: set[s
     label, packages = PEERS[name]
     absent = [p for p in packages if p in missing or importlib.util.find_spec(p) is None]
     if absent:
-        reason = f"package(s) not installed: {', '.join(absent)} (see benchmarks/fetch_peer_wheels.sh)"
+        reason = f"package(s) not installed: {', '.join(absent)} (see benchmarks/fetch_gpu_wheels.sh)"
         print(f"[peers] {name}: skipped, {reason}", flush=True)
         return {"label": label, "status": "skipped", "reason": reason}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()

@@ -39,7 +39,7 @@ def _run(tmp_path: Path, *args: str, extra_path: str | None = None) -> subproces
 
 def test_cpu_smoke_times_both_peers(tmp_path):
     if not (_importable("dinov2", PEERS_SITE) and _importable("lightly", PEERS_SITE)):
-        pytest.skip("peer packages (dinov2, lightly) not installed; benchmarks/fetch_peer_wheels.sh")
+        pytest.skip("peer packages (dinov2, lightly) not installed; benchmarks/fetch_gpu_wheels.sh")
     proc = _run(
         tmp_path, "--cpu-smoke", "--steps", "1", "--warmup", "1", "--peers", "dinov2", "lightly", extra_path=PEERS_SITE
     )
@@ -58,7 +58,7 @@ def test_cpu_smoke_times_both_peers(tmp_path):
 def test_sdpa_attention_matches_metas_fallback(monkeypatch):
     """dinov2-sdpa swaps only the attention kernel: same parameters, same output as Meta's softmax(q k^T) v."""
     if not _importable("dinov2", PEERS_SITE):
-        pytest.skip("peer packages (dinov2, lightly) not installed; benchmarks/fetch_peer_wheels.sh")
+        pytest.skip("peer packages (dinov2, lightly) not installed; benchmarks/fetch_gpu_wheels.sh")
     import torch
 
     monkeypatch.syspath_prepend(PEERS_SITE)

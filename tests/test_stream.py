@@ -412,16 +412,19 @@ def test_shard_set_weights_validation():
         )
 
 
-def test_bench_loader_command(capsys):
+def test_bench_loader_command(capsys, tmp_path: Path):
     import argparse
+    import json
 
     from raddino.commands import bench
 
     parser = argparse.ArgumentParser()
     bench.add_parser(parser.add_subparsers(dest="command"))
     tiny = "--size 32 --images 4 --batches 2 --batch-size 2 --workers 0 --global-size 28 --local-size 14 --n-local 2"
-    args = parser.parse_args(["bench", "loader", *tiny.split()])
+    args = parser.parse_args(["bench", "loader", *tiny.split(), "--json", str(tmp_path / "loader.json")])
     assert args.func(args) == 0
+    record = json.loads((tmp_path / "loader.json").read_text())
+    assert record["crops"]["n_local"] == 2 and set(record["data"]) == {"8-bit 32 px", "16-bit 32 px"}
     lines = capsys.readouterr().out.splitlines()
     ours = [line for line in lines if line.split()[:1] in (["8-bit"], ["16-bit"])]
     rows = [line.split() for line in ours if "alone" not in line and "side by side" not in line]
@@ -437,3 +440,9 @@ def test_bench_loader_command(capsys):
     for match in both:
         raddino, dinov2, ratio = (float(value) for value in match.groups())
         assert raddino > 0 and dinov2 > 0 and ratio == pytest.approx(raddino / dinov2, rel=0.05, abs=0.06)
+    # the JSON holds the numbers the lines print
+    printed = {(r[0] + " " + r[1] + " " + r[2]): float(r[4]) for r in rows}
+    for label, data in record["data"].items():
+        assert f"{data['stream']['0']['images_per_s']:.1f}" == f"{printed[label]:.1f}"
+        side = data["side_by_side"]
+        assert side["ratio"] == pytest.approx(side["raddino"] / side["dinov2"])

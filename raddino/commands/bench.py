@@ -105,6 +105,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     loader.add_argument("--shuffle-buffer", type=int, default=100, help="shuffle buffer per worker (default 100)")
     loader.add_argument("--seed", type=int, default=0, help="stream and synthetic-image seed (default 0)")
+    loader.add_argument("--json", type=Path, default=None, help="also write every measured number as JSON here")
     loader.set_defaults(func=run_loader)
     probe = sub.add_parser(
         "probe",
@@ -450,10 +451,16 @@ def run_loader(args: argparse.Namespace) -> int:
             )
             print(f"loader benchmark: decode + {crops}; {cores} CPU cores available")
             print(f"{'data':<18} {'workers':>7} {'images/s':>9} {'per process':>11}")
+            measured: dict[str, dict] = {}
             for label, patterns in configs:
                 decode, augment = _time_stages(args, patterns)
+                record = measured[label] = {"stream": {}, "decode_alone": decode, "crops_masks_alone": augment}
                 for workers in args.workers:
                     timing = _time_loader(args, patterns, workers, label)
+                    record["stream"][str(workers)] = {
+                        "images_per_s": timing.images_per_second,
+                        "per_process": timing.per_process,
+                    }
                     print(
                         f"{label:<18} {workers:>7} {timing.images_per_second:>9.1f} {timing.per_process:>11.1f}",
                         flush=True,
@@ -463,6 +470,7 @@ def run_loader(args: argparse.Namespace) -> int:
                     f"{augment:.0f} images/s"
                 )
                 both = _time_side_by_side(args, patterns)
+                record["side_by_side"] = {"raddino": both.raddino, "dinov2": both.dinov2, "ratio": both.ratio}
                 print(
                     f"{label:<18} side by side, decode + crops + masks: raddino ({args.interpolation}) "
                     f"{both.raddino:.1f} images/s, DINOv2 {both.dinov2:.1f} images/s, ratio {both.ratio:.1f}x",
@@ -471,6 +479,12 @@ def run_loader(args: argparse.Namespace) -> int:
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(cv2_threads)
+    if args.json is not None:
+        import json
+
+        crops = {"n_global": args.n_global, "global_size": args.global_size, "n_local": args.n_local}
+        crops |= {"local_size": args.local_size, "batch_size": args.batch_size, "interpolation": args.interpolation}
+        args.json.write_text(json.dumps({"cores": cores, "crops": crops, "data": measured}, indent=2))
     if args.n_global != 2:
         print(f"note: DINOv2's pipeline always makes 2 global crops (raddino's here: {args.n_global})")
     if max(args.workers) > cores:
