@@ -5,27 +5,41 @@
 # stop the others; everything lands in $OUT (summary.md / summary.json first).
 #   here first:   bash benchmarks/fetch_gpu_wheels.sh
 #   device call:  carry [".whl"], command "bash benchmarks/gpu_perf.sh", timeout_s 590
+#   CPU_SMOKE=1 bash benchmarks/gpu_perf.sh   # every stage, tiny, on the CPU (~2 min): checks the script itself
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/raddino-gpu-perf}
-mkdir -p "$OUT"
-source benchmarks/gpu_env.sh > >(tee "$OUT/env.txt") 2>&1 || exit 1
-rd() { python3 -m raddino.cli "$@"; }
-CORES=$(nproc)
-# H200 / H100 SXM dense bf16 peak: 989 TFLOP/s (bench train also accepts a measured peak when this is omitted)
-PEAK=${PEAK_TFLOPS:-989}
+OUT_DEFAULT=/tmp/raddino-gpu-perf
+if [[ "${CPU_SMOKE:-0}" == 1 ]]; then
+    OUT=${OUT:-/tmp/raddino-gpu-perf-smoke}
+    mkdir -p "$OUT"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the local venv has the dependencies and the peers' path
+    # a micro ViT on 2 x 28 + 2 x 14 crops; no compile (inductor on a CPU takes minutes)
+    TRAIN=(--config micro_cpu --device cpu --precision fp32 --batch 4 --steps 2 --warmup 1 --workers 0)
+    BASE=(--arch tiny) LARGE=(--arch tiny) COMPILE=() PEERS=(--cpu-smoke --steps 1 --warmup 1) PEAK=1
+    LOADER=(--workers 2 --size 64 --batches 2 --batch-size 4 --images 8 --global-size 28 --local-size 14 --n-local 2)
+else
+    OUT=${OUT:-$OUT_DEFAULT}
+    mkdir -p "$OUT"
+    source benchmarks/gpu_env.sh > >(tee "$OUT/env.txt") 2>&1 || exit 1
+    CORES=$(nproc)
+    TRAIN=(--batch 64 --precision bf16 --steps 20 --warmup 5 --workers $((CORES - 2)))
+    BASE=(--arch base) LARGE=(--arch large) COMPILE=(--compile --warmup 8) PEERS=(--steps 20 --warmup 5)
+    # H200 / H100 SXM dense bf16 peak: 989 TFLOP/s (bench train measures a matmul peak when this is omitted)
+    PEAK=${PEAK_TFLOPS:-989}
+    LOADER=(--workers "$CORES" --batches 20 --batch-size 64 --images 256)
+fi
+RD="python3 -m raddino.cli"  # (timeout runs programs, not shell functions)
 # 1. raddino, ViT-B/14, 2x224 + 8x98, batch 64, bf16, one GPU without FSDP (as the peers), then with compile
-timeout 100 rd bench train --arch base --batch 64 --precision bf16 --steps 20 --warmup 5 --workers $((CORES - 2)) \
-    --peak-tflops "$PEAK" --json "$OUT/train_vitb.json" 2>&1 | tee "$OUT/train_vitb.txt"
-timeout 120 rd bench train --arch base --batch 64 --precision bf16 --compile --steps 20 --warmup 8 \
-    --workers $((CORES - 2)) --peak-tflops "$PEAK" --json "$OUT/train_vitb_compile.json" 2>&1 \
-    | tee "$OUT/train_vitb_compile.txt"
+timeout 100 $RD bench train "${TRAIN[@]}" "${BASE[@]}" --peak-tflops "$PEAK" --json "$OUT/train_vitb.json" 2>&1 \
+    | tee "$OUT/train_vitb.txt"
+timeout 120 $RD bench train "${TRAIN[@]}" "${BASE[@]}" "${COMPILE[@]}" --peak-tflops "$PEAK" \
+    --json "$OUT/train_vitb_compile.json" 2>&1 | tee "$OUT/train_vitb_compile.txt"
 # 2. the peers on the same batch shape (benchmarks/peers.py: Meta's modules as shipped and with SDPA, lightly)
-timeout 150 python3 benchmarks/peers.py --out "$OUT" --steps 20 --warmup 5 2>&1 | tee "$OUT/peers.txt"
+timeout 150 python3 benchmarks/peers.py --out "$OUT" "${PEERS[@]}" 2>&1 | tee "$OUT/peers.txt"
 # 3. ViT-L/14, batch 64, activation checkpointing on every block: does it fit in 80 GB?
-timeout 90 rd bench train --arch large --batch 64 --precision bf16 --ac 1 --steps 3 --warmup 2 \
-    --workers $((CORES - 2)) --peak-tflops "$PEAK" --json "$OUT/train_vitl_ac.json" 2>&1 | tee "$OUT/train_vitl_ac.txt"
+timeout 90 $RD bench train "${TRAIN[@]}" "${LARGE[@]}" --ac 1 --steps 3 --warmup 2 --peak-tflops "$PEAK" \
+    --json "$OUT/train_vitl_ac.json" 2>&1 | tee "$OUT/train_vitl_ac.txt"
 # 4. the loader with all cores: 8-bit 512-px PNG, decode + 2x224 + 8x98 crops + masks
-timeout 60 rd bench loader --workers "$CORES" --bit-depths 8 --batches 20 --batch-size 64 --images 256 --rounds 2 \
-    --json "$OUT/loader.json" 2>&1 | tee "$OUT/loader.txt"
+timeout 60 $RD bench loader "${LOADER[@]}" --bit-depths 8 --rounds 2 --json "$OUT/loader.json" 2>&1 \
+    | tee "$OUT/loader.txt"
 python3 benchmarks/gpu_summary.py "$OUT" 2>&1 | tee "$OUT/summary.txt"

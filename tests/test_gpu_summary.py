@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,3 +75,17 @@ def test_vitl_fits_in_80_gb_means_80e9_bytes(tmp_path: Path, peak_gib: float, fi
     _write(tmp_path, "train_vitl_ac.json", _train(100.0, 0.4, peak_gib))
     goal = next(g for g in summary.check_goals(tmp_path) if g.name.startswith("ViT-L"))
     assert goal.met is fits
+
+
+def test_gpu_perf_script_runs_every_stage_as_a_cpu_smoke(tmp_path: Path):
+    """The device call's script itself (stages, flags, file names) on the CPU, so a typo never costs GPU time."""
+    env = dict(os.environ, CPU_SMOKE="1", OUT=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_perf.sh")], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("train_vitb.json", "train_vitb_compile.json", "train_vitl_ac.json", "loader.json", "peers.json"):
+        assert json.loads((tmp_path / name).read_text()), name  # every stage wrote its numbers
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("CPU smoke run") and summary.count("\n| ") == 7  # header + 6 goals
+    assert json.loads((tmp_path / "train_vitl_ac.json").read_text())["activation_checkpointing"] == 1
