@@ -40,6 +40,7 @@ def backbone_from_config(model: DictConfig, *, pos_embed_interp: str | None = No
         patch_size=model.patch_size,
         num_registers=model.num_registers,
         drop_path_rate=model.drop_path_rate,
+        drop_path_mode=model.drop_path_mode,
         layerscale=model.layerscale,
         pos_embed_interp=pos_embed_interp or resolve_pos_embed_interp(model.pos_embed_interp, None),
     )

@@ -27,6 +27,9 @@ class ModelConfig:
     img_size: int = 224  # grid the position embeddings are stored at; other sizes are interpolated
     num_registers: int = 0
     drop_path_rate: float = 0.1
+    # sample (timm's DropPath: dropped samples still run the block, zeroed) | subset (only the kept samples run each
+    # residual branch, DINOv2's efficient stochastic depth: ~drop_path_rate less block compute, same expectation)
+    drop_path_mode: str = "sample"
     layerscale: float = 1e-5
     # auto (the rule of the model.init_from source, so continued pretraining sees what the source saw; dinov2
     # without one) | dinov2 (offset 0.1, no antialias) | dinov2_reg (no offset, antialias) | hf (no offset, no
@@ -191,6 +194,7 @@ class RaddinoConfig:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("tiny", "small", "base", "large", "giant"),
     "model.pos_embed_interp": ("auto", "dinov2", "dinov2_reg", "hf"),
+    "model.drop_path_mode": ("sample", "subset"),
     "model.init_format": ("auto", "dinov2", "timm", "hf", "raddino"),
     "loss.centering": ("sinkhorn_knopp", "centering"),
     "crops.interpolation": ("pyramid", "bicubic", "bilinear"),

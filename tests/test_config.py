@@ -158,6 +158,20 @@ def test_optim_implementation_is_validated_and_reaches_the_optimizer():
     assert optimizer_from_config(cfg, meta_arch_from_config(cfg)).defaults["fused"] is True
 
 
+def test_drop_path_mode_builds_subset_blocks():
+    from raddino.build import backbone_from_config
+    from raddino.config import _CHOICES
+    from raddino.models.vit import DROP_PATH_MODES, SubsetDropPathBlock
+
+    assert _CHOICES["model.drop_path_mode"] == DROP_PATH_MODES
+    subset = backbone_from_config(load_config("micro_cpu", ["model.drop_path_mode=subset"]).model)
+    assert all(isinstance(b, SubsetDropPathBlock) for b in subset.blocks)
+    plain = backbone_from_config(load_config("micro_cpu").model)
+    assert not any(isinstance(b, SubsetDropPathBlock) for b in plain.blocks)  # the default stays timm's DropPath
+    with pytest.raises(ConfigError, match="model.drop_path_mode"):
+        load_config("micro_cpu", ["model.drop_path_mode=fast"])
+
+
 def test_interpolation_choices_are_the_augmentations():
     from raddino.config import _CHOICES
     from raddino.data.augment import INTERPOLATIONS

@@ -424,6 +424,64 @@ def test_drop_path_only_in_train_mode() -> None:
         torch.testing.assert_close(model(x), plain(x), atol=0, rtol=0)
 
 
+def test_subset_residual_runs_the_branch_on_the_kept_samples_only() -> None:
+    from raddino.models.vit import subset_residual
+
+    x = torch.randn(10, 3, 4, generator=_gen(1))
+    seen: list[int] = []
+
+    def branch(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.shape[0])
+        return 2.0 * t + 1.0
+
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        out = subset_residual(x, branch, 0.3)
+        torch.manual_seed(3)
+        kept = torch.randperm(10)[:7]  # the same draw: int(10 * 0.7) samples keep the branch
+    assert seen == [7]  # the branch computed 7 of 10 samples, not 10
+    expected = x.clone()
+    expected[kept] += (10 / 7) * (2.0 * x[kept] + 1.0)
+    torch.testing.assert_close(out, expected)
+    dropped = torch.ones(10, dtype=torch.bool)
+    dropped[kept] = False
+    assert torch.equal(out[dropped], x[dropped])  # the others pass through untouched
+    # unbiased: the mean over draws is x + branch(x), as with per-sample drop path
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        mean = torch.stack([subset_residual(x, lambda t: 2.0 * t + 1.0, 0.3) for _ in range(3000)]).mean(0)
+    torch.testing.assert_close(mean, x + 2.0 * x + 1.0, atol=0.15, rtol=0.05)
+    assert subset_residual(x[:1], branch, 0.9).shape == (1, 3, 4) and seen[-1] == 1  # at least one sample runs
+
+
+def test_subset_drop_path_blocks_equal_timm_blocks_in_eval_and_train_gradients() -> None:
+    sample = build_backbone(arch="tiny", img_size=28, drop_path_rate=0.4, generator=_gen(0))
+    subset = build_backbone(arch="tiny", img_size=28, drop_path_rate=0.4, drop_path_mode="subset")
+    _randomise_special_tokens(sample)
+    assert list(subset.state_dict()) == list(sample.state_dict())  # checkpoints move between the modes
+    subset.load_state_dict(sample.state_dict())
+    x = _images(8, 28, 28)
+    sample.eval(), subset.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(subset(x), sample(x), atol=0, rtol=0)  # eval: no drop path in either
+    subset.train()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        a = subset(x)
+        a.sum().backward()
+        b = subset(x)
+    assert all(p.grad is not None for n, p in subset.named_parameters() if n.startswith("blocks."))
+    assert (b - a).abs().max() > 1e-3  # other subsets dropped on the next call
+    teacher = build_backbone(arch="tiny", img_size=28, drop_path_rate=0.4, drop_path_mode="subset")
+    teacher.load_state_dict(sample.state_dict())
+    teacher.set_drop_path_rate(0.0)
+    teacher.train()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), sample.eval()(x), atol=1e-6, rtol=1e-6)  # rate 0: the plain block
+    with pytest.raises(RaddinoError, match="drop_path_mode"):
+        build_backbone(arch="tiny", img_size=28, drop_path_mode="batch")
+
+
 def test_set_drop_path_rate_matches_the_constructor_and_keeps_the_state_dict() -> None:
     model = build_backbone(arch="tiny", img_size=28, drop_path_rate=0.2, generator=_gen(0))
     keys = list(model.state_dict())

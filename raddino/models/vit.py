@@ -80,6 +80,39 @@ def drop_path_rates(drop_path_rate: float, *, depth: int, uniform: bool) -> list
     return [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
 
 
+DropPathMode = Literal["sample", "subset"]
+DROP_PATH_MODES = ("sample", "subset")
+
+
+def subset_residual(x: torch.Tensor, branch, rate: float) -> torch.Tensor:
+    """``x + drop_path(branch(x))`` computing ``branch`` only on the samples that keep it.
+
+    ``x`` is ``(B, T, D)``. A random subset of ``max(int(B * (1 - rate)), 1)`` samples runs the branch, its output
+    scaled by ``B / kept`` (so the expectation over draws is ``x + branch(x)``, as with per-sample drop path) and
+    added back in place of those rows; the other samples pass through unchanged. The branch then costs ``kept / B``
+    of its full compute (DINOv2's "efficient stochastic depth"); the subset is drawn from torch's default generator,
+    like timm's ``DropPath``.
+    """
+    batch = x.shape[0]
+    kept = max(int(batch * (1.0 - rate)), 1)
+    index = torch.randperm(batch, device=x.device)[:kept]
+    out = branch(x[index])
+    return torch.index_add(x, 0, index, out.to(x.dtype), alpha=batch / kept)
+
+
+class SubsetDropPathBlock(Block):
+    """timm's pre-norm ``Block`` whose stochastic depth skips the dropped samples' compute (:func:`subset_residual`).
+
+    Same parameters and names as ``Block``; identical to it in eval mode and at rate 0 (the teacher)."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        rate = float(getattr(self.drop_path1, "drop_prob", 0.0))
+        if not self.training or rate == 0.0 or args or kwargs:
+            return super().forward(x, *args, **kwargs)
+        x = subset_residual(x, lambda t: self.ls1(self.attn(self.norm1(t))), rate)
+        return subset_residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), rate)
+
+
 @dataclass
 class BackboneOutput:
     """Tokens after the final norm: ``cls (B, D)``, ``patch (B, N, D)`` (row-major grid), ``registers (B, R, D)``."""
@@ -141,6 +174,7 @@ class VisionTransformer(nn.Module):
         num_registers: int = 0,
         drop_path_rate: float = 0.0,
         drop_path_uniform: bool = True,
+        drop_path_mode: DropPathMode = "sample",
         layerscale: float | None = 1e-5,
         pos_embed_interp: PosEmbedInterp = "dinov2",
         generator: torch.Generator | None = None,
@@ -153,6 +187,9 @@ class VisionTransformer(nn.Module):
             drop_path_rate: stochastic-depth rate; ``drop_path_uniform`` applies it to every block (DINOv2's
                 ``drop_path_uniform=True`` used for its ViT-L/g recipes), otherwise it grows linearly from 0 at the
                 first block to ``drop_path_rate`` at the last (timm / DeiT rule).
+            drop_path_mode: ``"sample"`` (timm's ``DropPath``: every sample runs each block, dropped ones are
+                zeroed) or ``"subset"`` (:class:`SubsetDropPathBlock`: only the kept samples run the branch --
+                less compute at the same expectation; exactly ``int(B * (1 - rate))`` samples keep it).
             layerscale: LayerScale init value; ``None`` (or 0) disables LayerScale (no ``ls1``/``ls2`` params).
             pos_embed_interp: ``"dinov2"`` (bicubic, offset 0.1, no antialias), ``"dinov2_reg"`` (bicubic, no
                 offset, antialias) or ``"hf"`` (bicubic, no offset, no antialias); see
@@ -168,6 +205,8 @@ class VisionTransformer(nn.Module):
             raise RaddinoError(f"num_registers must be >= 0, got {num_registers}")
         if embed_dim % num_heads:
             raise RaddinoError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if drop_path_mode not in DROP_PATH_MODES:
+            raise RaddinoError(f"drop_path_mode must be one of {', '.join(DROP_PATH_MODES)}, got {drop_path_mode!r}")
 
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -187,8 +226,9 @@ class VisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
 
         rates = drop_path_rates(drop_path_rate, depth=depth, uniform=drop_path_uniform)
+        block_class = SubsetDropPathBlock if drop_path_mode == "subset" else Block
         self.blocks = nn.ModuleList(
-            Block(
+            block_class(
                 dim=embed_dim,
                 num_heads=num_heads,
                 mlp_ratio=mlp_ratio,
@@ -336,6 +376,7 @@ def build_backbone(
     num_registers: int = 0,
     drop_path_rate: float = 0.0,
     drop_path_uniform: bool = True,
+    drop_path_mode: DropPathMode = "sample",
     layerscale: float | None = 1e-5,
     pos_embed_interp: PosEmbedInterp = "dinov2",
     qkv_bias: bool = True,
@@ -359,6 +400,7 @@ def build_backbone(
         num_registers=num_registers,
         drop_path_rate=drop_path_rate,
         drop_path_uniform=drop_path_uniform,
+        drop_path_mode=drop_path_mode,
         layerscale=layerscale,
         pos_embed_interp=pos_embed_interp,
         generator=generator,
