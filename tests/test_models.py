@@ -482,6 +482,21 @@ def test_subset_drop_path_blocks_equal_timm_blocks_in_eval_and_train_gradients()
         build_backbone(arch="tiny", img_size=28, drop_path_mode="batch")
 
 
+def test_subset_drop_path_under_activation_checkpointing_recomputes_the_same_subsets() -> None:
+    """Checkpointed blocks rerun their forward in backward; the recomputed subsets must be the drawn ones."""
+    grads = []
+    for every in (0, 1):
+        model = build_backbone(arch="tiny", img_size=28, drop_path_rate=0.4, drop_path_mode="subset")
+        model.load_state_dict(build_backbone(arch="tiny", img_size=28, generator=_gen(0)).state_dict())
+        model.set_grad_checkpointing(every=every)
+        model.train()
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            model(_images(8, 28, 28)).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
 def test_set_drop_path_rate_matches_the_constructor_and_keeps_the_state_dict() -> None:
     model = build_backbone(arch="tiny", img_size=28, drop_path_rate=0.2, generator=_gen(0))
     keys = list(model.state_dict())
