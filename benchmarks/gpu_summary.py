@@ -51,8 +51,10 @@ def _ok_peers(peers: dict | None, names: tuple[str, ...]) -> list[dict]:
 def check_goals(out: Path) -> list[Goal]:
     """The goals of the Performance issue, each met / not met / not measured (``met=None``)."""
     # variant name (the file's suffix: eager, fused, compile) -> record; the fastest variant is raddino's number
-    trains = {p.stem.removeprefix("train_vitb").lstrip("_") or "eager": _read(out, p.name)
-              for p in sorted(out.glob("train_vitb*.json"))}
+    trains = {
+        p.stem.removeprefix("train_vitb").lstrip("_") or "eager": _read(out, p.name)
+        for p in sorted(out.glob("train_vitb*.json"))
+    }
     trains = {name: t for name, t in trains.items() if t}
     variant = max(trains, key=lambda name: trains[name]["images_per_s"]) if trains else None
     ours = trains[variant] if variant else None
@@ -69,8 +71,12 @@ def check_goals(out: Path) -> list[Goal]:
             return
         r = mine / theirs
         goals.append(
-            Goal(name, f"{'≥' if higher else '≤'} {target}x", f"{r:.2f}x ({mine:.1f} vs {theirs:.1f} {unit})",
-                 r >= target if higher else r <= target)
+            Goal(
+                name,
+                f"{'≥' if higher else '≤'} {target}x",
+                f"{r:.2f}x ({mine:.1f} vs {theirs:.1f} {unit})",
+                r >= target if higher else r <= target,
+            )
         )
 
     if ours is None:
@@ -79,10 +85,17 @@ def check_goals(out: Path) -> list[Goal]:
         measured = f"{100 * ours['mfu']:.1f} % ({variant})"
         goals.append(Goal("MFU, ViT-B/14 batch 64 bf16", "≥ 50 %", measured, ours["mfu"] >= 0.5))
     ours_ips = ours["images_per_s"] if ours else None
-    ratio_goal("images/s vs Meta's DINOv2 code", 1.3, ours_ips,
-               max((p["images_per_s"] for p in official), default=None), "images/s", True)
-    ratio_goal("images/s vs lightly", 2.0, ours_ips, max((p["images_per_s"] for p in lightly), default=None),
-               "images/s", True)
+    ratio_goal(
+        "images/s vs Meta's DINOv2 code",
+        1.3,
+        ours_ips,
+        max((p["images_per_s"] for p in official), default=None),
+        "images/s",
+        True,
+    )
+    ratio_goal(
+        "images/s vs lightly", 2.0, ours_ips, max((p["images_per_s"] for p in lightly), default=None), "images/s", True
+    )
     peaks = [p["peak_mem_gib"] for p in official if p.get("peak_mem_gib") is not None]
     ours_peak = ours.get("peak_memory_gib") if ours else None
     ratio_goal("peak memory vs Meta's DINOv2 code", 0.7, ours_peak, min(peaks, default=None), "GiB", False)
@@ -91,8 +104,12 @@ def check_goals(out: Path) -> list[Goal]:
     else:
         used = large["peak_memory_gib"] * GIB
         goals.append(
-            Goal("ViT-L/14 batch 64 with activation checkpointing", "fits in 80 GB",
-                 f"{used / 1e9:.1f} GB peak, {large['images_per_s']:.1f} images/s", used <= FITS_BYTES)
+            Goal(
+                "ViT-L/14 batch 64 with activation checkpointing",
+                "fits in 80 GB",
+                f"{used / 1e9:.1f} GB peak, {large['images_per_s']:.1f} images/s",
+                used <= FITS_BYTES,
+            )
         )
     stream = None
     if loader:
@@ -100,16 +117,22 @@ def check_goals(out: Path) -> list[Goal]:
         if data and data.get("stream"):
             workers = max(data["stream"], key=int)
             stream = data["stream"][workers]["images_per_s"]
-    ratio_goal(f"loader ({loader['cores'] if loader else '?'} cores) vs the trainer's images/s", 1.2, stream,
-               ours_ips, "images/s", True)
+    ratio_goal(
+        f"loader ({loader['cores'] if loader else '?'} cores) vs the trainer's images/s",
+        1.2,
+        stream,
+        ours_ips,
+        "images/s",
+        True,
+    )
     return goals
 
 
 def write_summary(out: Path, goals: list[Goal]) -> str:
     mark = {True: "met", False: "**not met**", None: "not measured"}
     lines = []
-    devices = {str(r.get("device", "")) for r in map(lambda n: _read(out, n) or {}, ("train_vitb.json", "peers.json"))}
-    if any(d.startswith("cpu") for d in devices):
+    records = (_read(out, name) or {} for name in ("train_vitb.json", "peers.json"))
+    if any(str(r.get("device", "")).startswith("cpu") for r in records):
         lines += ["CPU smoke run: the verdicts check the script, not the goals (those need the GPU).", ""]
     lines += ["| goal | target | measured | verdict |", "|---|---|---|---|"]
     lines += [f"| {g.name} | {g.target} | {g.measured} | {mark[g.met]} |" for g in goals]

@@ -86,7 +86,13 @@ def build_param_groups(
     return list(groups.values())
 
 
-ADAMW_IMPLEMENTATIONS = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "for_loop": {"foreach": False}}
+# optim.implementation -> the torch.optim.AdamW flags that select its kernel ("auto": torch's default choice)
+ADAMW_IMPLEMENTATIONS = {
+    "auto": {},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+    "for_loop": {"foreach": False},
+}
 
 
 def build_optimizer(

@@ -42,8 +42,10 @@ def test_every_goal_judged_from_the_files(tmp_path: Path):
     }
     _write(tmp_path, "peers.json", {"peers": peers})
     _write(tmp_path, "train_vitl_ac.json", _train(150.0, 0.45, 70.0))  # 75.2 GB: fits
-    loader = {"cores": 16, "data": {"8-bit 512 px": {"stream": {"0": {"images_per_s": 300.0},
-                                                                "16": {"images_per_s": 650.0}}}}}
+    loader = {
+        "cores": 16,
+        "data": {"8-bit 512 px": {"stream": {"0": {"images_per_s": 300.0}, "16": {"images_per_s": 650.0}}}},
+    }
     _write(tmp_path, "loader.json", loader)
     goals = {g.name: g for g in summary.check_goals(tmp_path)}
     mfu = goals["MFU, ViT-B/14 batch 64 bf16"]

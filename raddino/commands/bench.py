@@ -482,8 +482,8 @@ def run_loader(args: argparse.Namespace) -> int:
     if args.json is not None:
         import json
 
-        crops = {"n_global": args.n_global, "global_size": args.global_size, "n_local": args.n_local}
-        crops |= {"local_size": args.local_size, "batch_size": args.batch_size, "interpolation": args.interpolation}
+        keys = ("n_global", "global_size", "n_local", "local_size", "batch_size", "interpolation")
+        crops = {key: getattr(args, key) for key in keys}
         args.json.write_text(json.dumps({"cores": cores, "crops": crops, "data": measured}, indent=2))
     if args.n_global != 2:
         print(f"note: DINOv2's pipeline always makes 2 global crops (raddino's here: {args.n_global})")

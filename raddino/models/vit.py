@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,7 +85,7 @@ DropPathMode = Literal["sample", "subset"]
 DROP_PATH_MODES = ("sample", "subset")
 
 
-def subset_residual(x: torch.Tensor, branch, rate: float) -> torch.Tensor:
+def subset_residual(x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor], rate: float) -> torch.Tensor:
     """``x + drop_path(branch(x))`` computing ``branch`` only on the samples that keep it.
 
     ``x`` is ``(B, T, D)``. A random subset of ``max(int(B * (1 - rate)), 1)`` samples runs the branch, its output
