@@ -153,6 +153,28 @@ def main_table(
     return lines
 
 
+def val_table(records: list[dict], *, seeds: list[int], features: list[str]) -> list[str]:
+    """Validation AUROC of ours (mean ± std over seeds) and of the baselines, per feature protocol."""
+    lines = [
+        "| backbone | " + " | ".join(f"val AUROC `{f}`" for f in features) + " |",
+        "|" + "---|" * (1 + len(features)),
+    ]
+    names = [("ours" + (f", {len(seeds)} seeds" if len(seeds) > 1 else ""), [f"ours, seed {s}" for s in seeds])]
+    names += [(b, [b]) for b in (RANDOM, RAW) if any(r["backbone"] == b for r in records)]
+    for label, backbones in names:
+        cells = []
+        for f in features:
+            values = [
+                r["val_metrics"]["auroc"]
+                for b in backbones
+                for r in pick(records, backbone=b, features=f, fraction=1.0)
+                if "auroc" in r.get("val_metrics", {})
+            ]
+            cells.append(mean_std(values, digits=4) if values else "n/a")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def curve(*, run: Path, out: Path, data: str, features: list[str]) -> list[str]:
     """Every checkpoint of ``run`` exported and probed: test AUROC against pretraining minutes."""
     started = (run / "config.yaml").stat().st_mtime  # written when the run starts
@@ -203,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="pretraining config override (repeatable), e.g. for ablations",
     )
+    parser.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="probe input size for ours and random init (default: the recipe's 56 px; raw pixels stay at 28)",
+    )
     parser.add_argument("--curve", action="store_true", help="probe every checkpoint of the first seed")
     parser.add_argument(
         "--no-baselines",
@@ -221,9 +249,12 @@ def main(argv: list[str] | None = None) -> int:
             recipe=args.recipe, data=args.data, seed=seed, run=args.out / f"seed{seed}", overrides=args.overrides
         )
         print(f"seed {seed}: pretrained in {walls[seed]:.0f} s", flush=True)
-    backbones = [{"spec": f"ours:{args.out / f'seed{s}'}", "name": f"ours, seed {s}"} for s in args.seeds]
+    size = {} if args.img_size is None else {"img_size": args.img_size}
+    backbones = [{"spec": f"ours:{args.out / f'seed{s}'}", "name": f"ours, seed {s}", **size} for s in args.seeds]
     if not args.no_baselines:
-        backbones.append({"spec": f"ours:{args.out / f'seed{args.seeds[0]}'}", "random_init": True, "name": RANDOM})
+        backbones.append(
+            {"spec": f"ours:{args.out / f'seed{args.seeds[0]}'}", "random_init": True, "name": RANDOM, **size}
+        )
         backbones.append({"spec": "pixels:28", "name": RAW})
     # the label-efficiency sweep gets its own directory, so it never replaces the main table's records
     eval_dir = args.out / ("eval" if args.fractions == [1.0] else "eval_label_efficiency")
@@ -260,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         ]
         lines += main_table(records, seeds=args.seeds, walls=walls, features=args.features, fraction=fraction)
         lines.append("")
+    lines += [
+        "**Validation AUROC, all labels** (the split a readout or recipe should be chosen on; test is for reporting)",
+        "",
+        *val_table(records, seeds=args.seeds, features=args.features),
+        "",
+    ]
     if args.curve:
         lines += [f"**Test AUROC against pretraining time (seed {args.seeds[0]}, every checkpoint)**", ""]
         lines += curve(

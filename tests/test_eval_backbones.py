@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from raddino.errors import RaddinoError
-from raddino.eval.adapters.base import FEATURE_PROTOCOLS, Preprocess, layer_index
+from raddino.eval.adapters.base import FEATURE_PROTOCOLS, GRIDS, Preprocess, layer_index
 from raddino.eval.adapters.registry import build_backbone_adapter, parse_spec
 
 
@@ -24,6 +24,9 @@ def _check_dims(backbone) -> dict[str, torch.Tensor]:
     if not backbone.patch_dim:
         protocols = ["cls"]
     with torch.no_grad():
+        if backbone.patch_dim:  # grid protocols finer than the backbone's token grid do not apply (tested apart)
+            side = round(backbone.tokens(_batch(backbone), 1)[-1].patch.shape[1] ** 0.5)
+            protocols = [p for p in protocols if GRIDS.get(p, 0) <= side]
         feats = backbone.features(_batch(backbone), protocols)
     for protocol, value in feats.items():
         assert value.shape == (2, backbone.feature_dim(protocol)), protocol
@@ -70,6 +73,22 @@ def test_cls_grid_is_the_cls_token_and_the_quadrant_means_of_the_patch_grid():
     tiny = build_backbone_adapter("timm:vit_small_patch14_dinov2", random_init=True, img_size=14)  # 1 x 1 grid
     with pytest.raises(RaddinoError, match="square grid of at least 2 x 2 patch tokens, got 1"):
         tiny.features(_batch(tiny), ["cls_grid"])
+
+
+def test_cls_grid4_pools_2x2_token_cells_of_an_8x8_grid_row_major():
+    backbone = build_backbone_adapter("timm:vit_small_patch14_dinov2", random_init=True, img_size=112)  # 8 x 8 grid
+    x = _batch(backbone)
+    with torch.no_grad():
+        feats = backbone.features(x, ["cls", "cls_grid4"])
+        patch = backbone.tokens(x, 1)[-1].patch.reshape(2, 8, 8, -1)  # (B, row, col, D)
+    d = backbone.patch_dim
+    cells = [patch[:, r : r + 2, c : c + 2].mean(dim=(1, 2)) for r in range(0, 8, 2) for c in range(0, 8, 2)]
+    torch.testing.assert_close(feats["cls_grid4"][:, :d], feats["cls"])
+    torch.testing.assert_close(feats["cls_grid4"][:, d:], torch.cat(cells, dim=1), atol=1e-5, rtol=1e-5)
+    assert backbone.feature_dim("cls_grid4") == 17 * d
+    small = build_backbone_adapter("timm:vit_small_patch14_dinov2", random_init=True, img_size=42)  # 3 x 3 grid
+    with pytest.raises(RaddinoError, match="cls_grid4 protocol needs a square grid of at least 4 x 4 patch tokens"):
+        small.features(_batch(small), ["cls_grid4"])
 
 
 def test_timm_dinov2_registers_are_not_patches():

@@ -168,6 +168,8 @@ def test_every_protocol_end_to_end_on_pneumoniamnist(shared_data: Path, pneumoni
     assert counts == {"linear": 6, "knn_cosine": 6, "knn_euclidean": 6, "finetune_frozen": 4, "finetune_unfrozen": 4}
     for record in records:
         assert 0.0 <= record.metrics["auroc"] <= 1.0 and record.n_test == 160
+        # the validation metrics at the chosen hyper-parameter travel with the record (what readouts are chosen on)
+        assert set(record.val_metrics) == set(record.metrics) and 0.0 <= record.val_metrics["auroc"] <= 1.0
         assert record.n_train == (16 if record.fraction == 0.1 else 160)
     markdown = (out / "results.md").read_text()
     assert "## finetune_unfrozen · cls · 10% of training labels" in markdown and "(n=2)" in markdown

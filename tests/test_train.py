@@ -197,3 +197,42 @@ def test_collapse_monitor_flags_a_uniform_teacher_in_metrics(tmp_path, caplog):
     assert [(r["step"], r["collapse"]) for r in rows if "collapse" in r] == [(22, ["teacher_uniform"])]
     warnings = [rec.getMessage() for rec in caplog.records if "collapse monitor" in rec.getMessage()]
     assert len(warnings) == 1 and "teacher_uniform" in warnings[0] and "teacher.temp_start" in warnings[0]
+
+
+# DINOv2's photometric jitter and teacher schedule, which the tiny recipe shipped with until 2026-12-02.
+DINOV2_TEACHER_AND_JITTER = [
+    "crops.brightness=0.4",
+    "crops.contrast=0.4",
+    "teacher.temp_start=0.04",
+    "teacher.temp_end=0.07",
+    "teacher.momentum_start=0.99",
+    "teacher.momentum_end=1.0",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broken", [False, True], ids=["shipped", "dinov2_jitter_and_teacher"])
+def test_demo_recipe_is_not_flagged_and_the_jitter_recipe_is(tmp_path, broken):
+    """The recipe ``raddino demo`` trains (configs/tiny_cpu.yaml, synthetic radiographs, its schedule compressed to
+    60 steps) raises no collapse flag; the same run with DINOv2's brightness/contrast jitter, 0.04 -> 0.07 teacher
+    and 0.99 -> 1 momentum is flagged student_uniform (its DINO term is inert: the student predicts uniform)."""
+    cfg = load_config(
+        "tiny_cpu",
+        [
+            f"train.output_dir={tmp_path}",
+            "train.steps_per_epoch=15",
+            "train.epochs=4",
+            "train.checkpoint_every=1000",
+            "train.progress=false",
+            *(DINOV2_TEACHER_AND_JITTER if broken else []),
+        ],
+    )
+    summary = fit(build_training(cfg))
+    assert summary.steps == 60 and summary.refused_steps == 0
+    rows = _metrics(tmp_path)
+    flagged = [(r["step"], r["collapse"]) for r in rows if "collapse" in r]
+    if broken:
+        assert any("student_uniform" in names for _, names in flagged), [r["dino_rel"] for r in rows[-10:]]
+    else:
+        assert flagged == [], flagged
+        assert sum(r["dino_rel"] for r in rows[-10:]) / 10 < 0.99, [r["dino_rel"] for r in rows[-10:]]

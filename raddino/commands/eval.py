@@ -16,7 +16,7 @@ EPILOG = """examples:
 
 Backbones: timm:NAME, hf:PATH_OR_ID, open_clip:ARCH/TAG, ours:RUN_OR_EXPORT_DIR, pixels[:SIZE] (raw pixels).
 Protocols: linear, knn_cosine, knn_euclidean, finetune_frozen, finetune_unfrozen.
-Features: cls, mean, cls_mean, dinov2_linear, cls_grid.
+Features: cls, mean, cls_mean, dinov2_linear, cls_grid, cls_grid4.
 Outputs in --out: results.jsonl, results.csv, summary.csv, results.md, published.csv (suites with published
 rows), plots/*.png. See docs/EVAL.md.
 """

@@ -56,6 +56,9 @@ class EvalRecord:
     best_param: float
     threshold: float | list[float] | None
     seconds: float
+    # the validation split's metrics at the chosen hyper-parameter: what a readout or recipe should be chosen on
+    # (records written before 2026-12-02 lack them)
+    val_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
         payload = dataclasses.asdict(self)
@@ -161,6 +164,7 @@ class SuiteRunner:
             best_param=result.best_param,
             threshold=result.threshold,
             seconds=result.seconds,
+            val_metrics=result.val_metrics,
         )
 
     def _runs(self, protocol: str) -> Iterable[tuple[float, int]]:

@@ -12,6 +12,8 @@ dimension of every protocol (:meth:`Backbone.feature_dim`). Feature protocols (:
 * ``cls_grid``: ``cls`` and the patch tokens average-pooled to a 2 x 2 grid (quadrant means, row-major),
   concatenated (``D + 4 D``): a linear probe that can tell where in the image a feature is (which lung), at a
   width independent of the input size. Square token grids only.
+* ``cls_grid4``: the same with a 4 x 4 grid (``D + 16 D``): finer positions (upper / middle / lower lung field),
+  read from an input with at least 4 x 4 patch tokens (e.g. 56 px at patch 14; 112 px gives 2 x 2 tokens a cell).
 
 This module never imports a family module (``timm.py``, ``hf.py``, ...); the families import it, and
 :mod:`raddino.eval.adapters.registry` maps spec prefixes to their builders.
@@ -37,7 +39,7 @@ from raddino.errors import RaddinoError
 
 log = logging.getLogger(__name__)
 
-FEATURE_PROTOCOLS = ("cls", "mean", "cls_mean", "dinov2_linear", "cls_grid")
+FEATURE_PROTOCOLS = ("cls", "mean", "cls_mean", "dinov2_linear", "cls_grid", "cls_grid4")
 RESIZE_MODES = ("resize", "pad")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,7 +47,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _LUMA_601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 N_LAST_BLOCKS = 4  # DINOv2 linear protocol: CLS tokens of the last 4 blocks
-GRID = 2  # cls_grid: patch tokens pooled to GRID x GRID cells
+GRIDS = {"cls_grid": 2, "cls_grid4": 4}  # patch tokens pooled to g x g cells
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ class Backbone(nn.Module):
     def check_protocol(self, protocol: str) -> None:
         if protocol not in FEATURE_PROTOCOLS:
             raise RaddinoError(f"unknown feature protocol {protocol!r}; expected one of {', '.join(FEATURE_PROTOCOLS)}")
-        if protocol in ("mean", "cls_mean", "cls_grid") and not self.patch_dim:
+        if protocol in ("mean", "cls_mean", *GRIDS) and not self.patch_dim:
             raise RaddinoError(f"backbone {self.spec} gives no patch tokens, so only the cls protocol applies")
         if protocol == "dinov2_linear" and not self.has_cls:
             raise RaddinoError(
@@ -185,12 +187,13 @@ class Backbone(nn.Module):
     def feature_dim(self, protocol: str) -> int:
         """Declared width of ``protocol``'s features."""
         self.check_protocol(protocol)
+        if protocol in GRIDS:
+            return self.cls_dim + GRIDS[protocol] ** 2 * self.patch_dim
         return {
             "cls": self.cls_dim,
             "mean": self.patch_dim,
             "cls_mean": self.cls_dim + self.patch_dim,
             "dinov2_linear": N_LAST_BLOCKS * self.cls_dim + self.patch_dim,
-            "cls_grid": self.cls_dim + GRID * GRID * self.patch_dim,
         }[protocol]
 
     def features(self, x: Tensor, protocols: Sequence[str]) -> dict[str, Tensor]:
@@ -209,24 +212,25 @@ class Backbone(nn.Module):
                 out[protocol] = mean
             elif protocol == "cls_mean":
                 out[protocol] = torch.cat([glob, mean], dim=1)
-            elif protocol == "cls_grid":
-                out[protocol] = torch.cat([glob, self._grid_pool(last.patch)], dim=1)
+            elif protocol in GRIDS:
+                out[protocol] = torch.cat([glob, self._grid_pool(last.patch, GRIDS[protocol])], dim=1)
             else:
                 out[protocol] = torch.cat([layer.cls for layer in layers] + [mean], dim=1)
         return {k: v.float() for k, v in out.items()}
 
-    def _grid_pool(self, patch: Tensor) -> Tensor:
-        """Patch tokens ``(B, N, D)`` of a square ``g x g`` grid -> cell means ``(B, GRID * GRID * D)``, cells
-        row-major (adaptive average pooling: cells of unequal size when ``g`` is odd)."""
+    def _grid_pool(self, patch: Tensor, grid: int) -> Tensor:
+        """Patch tokens ``(B, N, D)`` of a square ``g x g`` token grid -> cell means ``(B, grid * grid * D)``, cells
+        row-major (adaptive average pooling: cells of unequal size when ``grid`` does not divide ``g``)."""
         b, n, d = patch.shape
         g = round(n**0.5)
-        if g * g != n or g < GRID:
+        if g * g != n or g < grid:
+            name = next(k for k, v in GRIDS.items() if v == grid)
             raise RaddinoError(
-                f"backbone {self.spec}: the cls_grid protocol needs a square grid of at least {GRID} x {GRID} "
-                f"patch tokens, got {n} tokens"
+                f"backbone {self.spec}: the {name} protocol needs a square grid of at least {grid} x {grid} "
+                f"patch tokens, got {n} tokens; a larger --img-size gives more"
             )
-        cells = nn.functional.adaptive_avg_pool2d(patch.transpose(1, 2).reshape(b, d, g, g), GRID)  # (B, D, 2, 2)
-        return cells.flatten(2).transpose(1, 2).reshape(b, GRID * GRID * d)
+        cells = nn.functional.adaptive_avg_pool2d(patch.transpose(1, 2).reshape(b, d, g, g), grid)  # (B, D, grid, grid)
+        return cells.flatten(2).transpose(1, 2).reshape(b, grid * grid * d)
 
     def weights_digest(self) -> str:
         """BLAKE2b over every parameter and buffer (names, shapes, dtypes, bytes), computed once."""
