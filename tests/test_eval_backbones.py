@@ -59,36 +59,28 @@ def test_timm_adapters_build_offline_and_yield_declared_dims(spec, size, dim, ha
             backbone.feature_dim("dinov2_linear")
 
 
-def test_cls_grid_is_the_cls_token_and_the_quadrant_means_of_the_patch_grid():
-    backbone = build_backbone_adapter("timm:vit_small_patch14_dinov2", random_init=True, img_size=56)  # 4 x 4 grid
-    x = _batch(backbone)
-    with torch.no_grad():
-        feats = backbone.features(x, ["cls", "cls_grid"])
-        patch = backbone.tokens(x, 1)[-1].patch.reshape(2, 4, 4, -1)  # (B, row, col, D)
-    d = backbone.patch_dim
-    quadrants = [patch[:, r : r + 2, c : c + 2].mean(dim=(1, 2)) for r in (0, 2) for c in (0, 2)]  # row-major
-    torch.testing.assert_close(feats["cls_grid"][:, :d], feats["cls"])
-    torch.testing.assert_close(feats["cls_grid"][:, d:], torch.cat(quadrants, dim=1), atol=1e-5, rtol=1e-5)
-    assert backbone.feature_dim("cls_grid") == 5 * d
-    tiny = build_backbone_adapter("timm:vit_small_patch14_dinov2", random_init=True, img_size=14)  # 1 x 1 grid
-    with pytest.raises(RaddinoError, match="square grid of at least 2 x 2 patch tokens, got 1"):
-        tiny.features(_batch(tiny), ["cls_grid"])
+# (protocol, cells a side, input px giving 2 x 2 tokens a cell at patch 14, input px with too few tokens)
+GRID_CASES = [("cls_grid", 2, 56, 14), ("cls_grid4", 4, 112, 42)]
 
 
-def test_cls_grid4_pools_2x2_token_cells_of_an_8x8_grid_row_major():
-    backbone = build_backbone_adapter("timm:vit_small_patch14_dinov2", random_init=True, img_size=112)  # 8 x 8 grid
+@pytest.mark.parametrize(("protocol", "cells", "size", "too_small"), GRID_CASES)
+def test_cls_grid_is_the_cls_token_and_row_major_cell_means_of_the_patch_grid(protocol, cells, size, too_small):
+    backbone = build_backbone_adapter("timm:vit_small_patch14_dinov2", random_init=True, img_size=size)
+    side = 2 * cells  # tokens a side
     x = _batch(backbone)
     with torch.no_grad():
-        feats = backbone.features(x, ["cls", "cls_grid4"])
-        patch = backbone.tokens(x, 1)[-1].patch.reshape(2, 8, 8, -1)  # (B, row, col, D)
+        feats = backbone.features(x, ["cls", protocol])
+        patch = backbone.tokens(x, 1)[-1].patch.reshape(2, side, side, -1)  # (B, row, col, D)
     d = backbone.patch_dim
-    cells = [patch[:, r : r + 2, c : c + 2].mean(dim=(1, 2)) for r in range(0, 8, 2) for c in range(0, 8, 2)]
-    torch.testing.assert_close(feats["cls_grid4"][:, :d], feats["cls"])
-    torch.testing.assert_close(feats["cls_grid4"][:, d:], torch.cat(cells, dim=1), atol=1e-5, rtol=1e-5)
-    assert backbone.feature_dim("cls_grid4") == 17 * d
-    small = build_backbone_adapter("timm:vit_small_patch14_dinov2", random_init=True, img_size=42)  # 3 x 3 grid
-    with pytest.raises(RaddinoError, match="cls_grid4 protocol needs a square grid of at least 4 x 4 patch tokens"):
-        small.features(_batch(small), ["cls_grid4"])
+    means = [patch[:, r : r + 2, c : c + 2].mean(dim=(1, 2)) for r in range(0, side, 2) for c in range(0, side, 2)]
+    torch.testing.assert_close(feats[protocol][:, :d], feats["cls"])
+    torch.testing.assert_close(feats[protocol][:, d:], torch.cat(means, dim=1), atol=1e-5, rtol=1e-5)
+    assert backbone.feature_dim(protocol) == (1 + cells * cells) * d
+    small = build_backbone_adapter("timm:vit_small_patch14_dinov2", random_init=True, img_size=too_small)
+    n = (too_small // 14) ** 2
+    match = f"the {protocol} protocol needs a square grid of at least {cells} x {cells} patch tokens, got {n} tokens"
+    with pytest.raises(RaddinoError, match=match):
+        small.features(_batch(small), [protocol])
 
 
 def test_timm_dinov2_registers_are_not_patches():
