@@ -168,7 +168,6 @@ def val_table(records: list[dict], *, seeds: list[int], features: list[str]) -> 
                 r["val_metrics"]["auroc"]
                 for b in backbones
                 for r in pick(records, backbone=b, features=f, fraction=1.0)
-                if "auroc" in r.get("val_metrics", {})
             ]
             cells.append(mean_std(values, digits=4) if values else "n/a")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

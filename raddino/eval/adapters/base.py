@@ -213,20 +213,21 @@ class Backbone(nn.Module):
             elif protocol == "cls_mean":
                 out[protocol] = torch.cat([glob, mean], dim=1)
             elif protocol in GRIDS:
-                out[protocol] = torch.cat([glob, self._grid_pool(last.patch, GRIDS[protocol])], dim=1)
+                out[protocol] = torch.cat([glob, self._grid_pool(last.patch, protocol)], dim=1)
             else:
                 out[protocol] = torch.cat([layer.cls for layer in layers] + [mean], dim=1)
         return {k: v.float() for k, v in out.items()}
 
-    def _grid_pool(self, patch: Tensor, grid: int) -> Tensor:
-        """Patch tokens ``(B, N, D)`` of a square ``g x g`` token grid -> cell means ``(B, grid * grid * D)``, cells
-        row-major (adaptive average pooling: cells of unequal size when ``grid`` does not divide ``g``)."""
+    def _grid_pool(self, patch: Tensor, protocol: str) -> Tensor:
+        """Patch tokens ``(B, N, D)`` of a square ``g x g`` token grid -> cell means ``(B, grid * grid * D)`` with
+        ``grid = GRIDS[protocol]``, cells row-major (adaptive average pooling: cells of unequal size when ``grid``
+        does not divide ``g``)."""
+        grid = GRIDS[protocol]
         b, n, d = patch.shape
         g = round(n**0.5)
         if g * g != n or g < grid:
-            name = next(k for k, v in GRIDS.items() if v == grid)
             raise RaddinoError(
-                f"backbone {self.spec}: the {name} protocol needs a square grid of at least {grid} x {grid} "
+                f"backbone {self.spec}: the {protocol} protocol needs a square grid of at least {grid} x {grid} "
                 f"patch tokens, got {n} tokens; a larger --img-size gives more"
             )
         cells = nn.functional.adaptive_avg_pool2d(patch.transpose(1, 2).reshape(b, d, g, g), grid)  # (B, D, grid, grid)
