@@ -106,7 +106,9 @@ def meta_arch_from_config(cfg: DictConfig) -> SSLMetaArch:
 
 def source_from_config(data: DictConfig, *, seed: int) -> ImageSource:
     if data.source == "synthetic":
-        return SyntheticSource(n=data.synthetic_count, seed=seed, size=data.synthetic_size)
+        return SyntheticSource(
+            n=data.synthetic_count, seed=seed, size=data.synthetic_size, finding=data.synthetic_finding
+        )
     if data.source == "npz":
         return NpzSource(data.path, split=data.split)
     if data.source == "shards":

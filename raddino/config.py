@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from raddino.data.synthetic import FINDINGS
 from raddino.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -100,6 +101,7 @@ class DataConfig:
     split: str = "train"
     synthetic_count: int = 4096
     synthetic_size: int = 128
+    synthetic_finding: str = "focal"  # what positive images carry: focal | reticular | miliary (data/synthetic.py)
     batch_size: int = 64  # images per device per forward (the micro-batch)
     # images per optimizer step over all devices; None = batch_size x world size. When set, each device takes
     # global_batch / world_size images per step, in global_batch / (world_size x batch_size) micro-batches
@@ -200,6 +202,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "crops.interpolation": ("pyramid", "bicubic", "bilinear"),
     "optim.implementation": ("auto", "foreach", "fused", "for_loop"),
     "data.source": ("synthetic", "npz", "shards"),
+    "data.synthetic_finding": tuple(FINDINGS),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "fp32"),
     "parallel.backend": ("auto", "nccl", "gloo"),

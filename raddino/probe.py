@@ -72,12 +72,13 @@ def compare_backbones(
     splits: dict[str, tuple[int, int]],
     include_raw_pixels: bool = True,
     cs: Sequence[float] | None = None,
+    finding: str = "focal",
 ) -> ProbeReport:
-    """Linear probes (lesion vs none) on synthetic images; ``splits`` maps train/val/test to (count, seed);
-    ``cs``: the logistic-regression C grid (default: DINOv2's 45 values)."""
+    """Linear probes (finding vs none) on synthetic images; ``splits`` maps train/val/test to (count, seed);
+    ``cs``: the logistic-regression C grid (default: DINOv2's 45 values); ``finding``: see ``synthetic_cxr``."""
     # each synthetic image is generated and transformed once, then shared by every backbone and the pixel baseline
     data = {
-        split: views_and_labels(SyntheticSource(n=n, seed=seed, size=image_size), transform)
+        split: views_and_labels(SyntheticSource(n=n, seed=seed, size=image_size, finding=finding), transform)
         for split, (n, seed) in splits.items()
     }
     labels = {split: split_labels for split, (_, split_labels) in data.items()}

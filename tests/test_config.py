@@ -39,6 +39,7 @@ def test_defaults_recipe_then_overrides_and_frozen():
         ("crops.global_blur_p=[]", "crops.global_blur_p"),
         ("crops.local_blur_p=-0.1", "crops.local_blur_p"),
         ("crops.interpolation=lanczos", "crops.interpolation"),
+        ("data.synthetic_finding=fibrosis", "data.synthetic_finding"),
     ],
 )
 def test_bad_override_names_the_key(override, key):

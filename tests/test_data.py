@@ -89,11 +89,28 @@ def test_synthetic_lesion_is_a_local_change_of_the_same_patient():
     assert np.array_equal(image, synthetic_cxr(5, seed=2, size=64, lesion=bool(label))[0])
 
 
+@pytest.mark.parametrize("finding", ["reticular", "miliary"])
+def test_synthetic_diffuse_findings_spread_over_the_lungs_without_brightening_them(finding):
+    for i in range(4):
+        without, label0 = synthetic_cxr(i, seed=2, size=64, lesion=False, finding=finding)
+        with_finding, label1 = synthetic_cxr(i, seed=2, size=64, lesion=True, finding=finding)
+        assert (label0, label1) == (0, 1)
+        # the anatomy is the finding-independent patient of the focal stream
+        assert np.array_equal(without, synthetic_cxr(i, seed=2, size=64, lesion=False)[0])
+        diff = with_finding.astype(np.int64) - without.astype(np.int64)
+        changed = np.abs(diff) > 3
+        assert 0.12 < changed.mean() < 0.35  # diffuse: far more of the image than a focal lesion (< 0.05 here)
+        assert diff.max() > 20 and diff.min() < -20  # brighter and darker than the normal lung
+        assert abs(diff[changed].mean()) < 0.7 * np.abs(diff[changed]).mean()  # no one-signed brightness shift
+
+
 def test_synthetic_rejects_bad_arguments():
     with pytest.raises(RaddinoError, match="size"):
         synthetic_cxr(0, seed=0, size=8)
     with pytest.raises(RaddinoError, match="index"):
         synthetic_cxr(-1, seed=0, size=32)
+    with pytest.raises(RaddinoError, match="finding 'fibrosis'; choose one of focal, reticular, miliary"):
+        synthetic_cxr(0, seed=0, size=32, finding="fibrosis")
 
 
 # --------------------------------------------------------------------------------------------------- sources
@@ -107,6 +124,12 @@ def test_synthetic_source_matches_generator():
     assert np.array_equal(image, ref) and label == ref_label
     with pytest.raises(IndexError):
         source.get(5)
+    miliary = SyntheticSource(n=5, seed=9, size=32, finding="miliary")
+    positive = next(i for i in range(5) if source.get(i)[1] == 1)  # the label does not depend on the finding
+    assert np.array_equal(miliary.get(positive)[0], synthetic_cxr(positive, seed=9, size=32, finding="miliary")[0])
+    assert not np.array_equal(miliary.get(positive)[0], source.get(positive)[0])
+    with pytest.raises(RaddinoError, match="unknown synthetic finding"):
+        SyntheticSource(n=5, seed=9, size=32, finding="x")
 
 
 def test_npz_source_gray_rgb_uint16_and_labels(tmp_path: Path):

@@ -18,7 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="a few-minute CPU demo: pretrain on synthetic CXRs, then linear-probe vs random init",
         description="Pretrain the tiny recipe (configs/tiny_cpu.yaml) on built-in synthetic chest radiographs, "
         "then train linear probes (lesion vs no lesion) on frozen features of the pretrained teacher, the same "
-        "architecture at random init, and raw pixels, and print a table. No download needed.",
+        "architecture at random init, and raw pixels, and print a table. No download needed. "
+        "data.synthetic_finding=reticular|miliary swaps the focal lesion for a diffuse lung pattern.",
     )
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/demo-YYYYmmdd-HHMMSS)")
     parser.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the recipe's)")
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         image_size=cfg.data.synthetic_size,
         splits=_PROBE_SPLITS,
         cs=_PROBE_CS,
+        finding=cfg.data.synthetic_finding,
     )
     print(report.table())
     (out / "probe.md").write_text(report.table() + "\n")

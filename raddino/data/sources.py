@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from raddino.data.synthetic import synthetic_cxr
+from raddino.data.synthetic import FINDINGS, synthetic_cxr
 from raddino.errors import RaddinoError
 
 log = logging.getLogger(__name__)
@@ -49,22 +49,25 @@ def _check_index(index: int, length: int, name: str) -> int:
 class SyntheticSource:
     """``n`` synthetic chest radiographs (see :mod:`raddino.data.synthetic`), image ``i`` = ``synthetic_cxr(i)``.
 
-    Labels: 1 = lesion present, 0 = none. Images are generated on demand (nothing is stored), so any ``n`` is cheap.
+    Labels: 1 = finding present, 0 = none (``finding``: see :func:`synthetic_cxr`). Images are generated on demand
+    (nothing is stored), so any ``n`` is cheap.
     """
 
-    def __init__(self, n: int, seed: int, size: int) -> None:
+    def __init__(self, n: int, seed: int, size: int, finding: str = "focal") -> None:
         if n <= 0:
             raise RaddinoError(f"synthetic source needs n > 0 images, got {n}")
         if size < 16:
             raise RaddinoError(f"synthetic image size must be >= 16 pixels, got {size}")
-        self.n, self.seed, self.size = n, seed, size
+        if finding not in FINDINGS:
+            raise RaddinoError(f"unknown synthetic finding {finding!r}; choose one of {', '.join(FINDINGS)}")
+        self.n, self.seed, self.size, self.finding = n, seed, size, finding
 
     def __len__(self) -> int:
         return self.n
 
     def get(self, index: int) -> tuple[np.ndarray, int | None]:
         index = _check_index(index, self.n, "synthetic source")
-        return synthetic_cxr(index, seed=self.seed, size=self.size)
+        return synthetic_cxr(index, seed=self.seed, size=self.size, finding=self.finding)
 
 
 class NpzSource:

@@ -11,6 +11,11 @@ the lesion moves and the anatomy/exposure vary much more than the lesion adds, a
 close to chance (test AUROC ~0.57 at 64 px and at 112 px seen at 56 px, 3000 training images), while a small CNN
 trained on 6000 images reaches ~0.90: learnable from local structure, not from global intensity.
 
+``finding`` swaps the focal lesion for a diffuse bilateral pattern, zero-mean in attenuation so that it adds no
+brightness cue: ``reticular`` (band-limited texture, one random grid cell per ~16 px) or ``miliary``
+(dozens of small nodules, the lung mean subtracted). docs/BENCHMARKS.md ("`raddino demo` with diffuse findings")
+records how raw pixels, random init and the pretrained teacher probe on them.
+
 Image ``i`` depends only on ``(seed, i)``: separate generators for anatomy, lesion and detector are spawned from
 ``numpy.random.SeedSequence([seed, i])``, so ``lesion=True/False`` renders the same patient with or without it.
 """
@@ -58,7 +63,35 @@ def _lesion(rng: np.random.Generator, *, x: np.ndarray, y: np.ndarray, lungs: np
     return rng.uniform(0.15, 0.50) * shape
 
 
-def synthetic_cxr(index: int, *, seed: int, size: int, lesion: bool | None = None) -> tuple[np.ndarray, int]:
+def _reticular(rng: np.random.Generator, *, x: np.ndarray, y: np.ndarray, lungs: np.ndarray, size: int) -> np.ndarray:
+    """Zero-mean band-limited texture (size, size) over both lungs: an interstitial (reticular) pattern."""
+    texture = _smooth_noise(rng, size, max(4, size // 16))
+    return rng.uniform(0.10, 0.18) * (texture - texture.mean()) * np.clip(lungs, 0.0, 1.0)
+
+
+def _miliary(rng: np.random.Generator, *, x: np.ndarray, y: np.ndarray, lungs: np.ndarray, size: int) -> np.ndarray:
+    """Dozens of small nodules (size, size) scattered over aerated lung, their mean over the lungs subtracted."""
+    inside = np.flatnonzero(lungs.ravel() > 0.6)
+    if len(inside) == 0:  # cannot happen for sane anatomy (see _lesion)
+        inside = np.array([int(np.argmax(lungs))])
+    centres = inside[rng.integers(len(inside), size=int(rng.integers(60, 120)))]
+    radius = rng.uniform(0.03, 0.045)
+    nodules = np.zeros_like(x)
+    for centre in centres:
+        nodules += np.exp(-((x - x.ravel()[centre]) ** 2 + (y - y.ravel()[centre]) ** 2) / radius**2)
+    weight = np.clip(lungs, 0.0, 1.0)
+    nodules = np.clip(nodules, 0.0, 1.5) * weight
+    aerated = lungs > 0.3
+    nodules = nodules - float(nodules[aerated].mean()) * weight  # no net brightening of the lungs
+    return rng.uniform(0.25, 0.40) * nodules
+
+
+FINDINGS = {"focal": _lesion, "reticular": _reticular, "miliary": _miliary}
+
+
+def synthetic_cxr(
+    index: int, *, seed: int, size: int, lesion: bool | None = None, finding: str = "focal"
+) -> tuple[np.ndarray, int]:
     """Generate synthetic radiograph ``index`` of the stream ``seed``.
 
     Args:
@@ -67,6 +100,8 @@ def synthetic_cxr(index: int, *, seed: int, size: int, lesion: bool | None = Non
         size: side length in pixels (>= 16); anatomy is drawn in normalised coordinates, so any size looks alike.
         lesion: None draws it (probability 1/2); True / False forces it. Anatomy, lesion and detector effects come
             from separate generators, so forcing the lesion gives the same patient with / without the finding.
+        finding: what a positive image carries: ``focal`` (a nodule/mass or consolidation), ``reticular`` or
+            ``miliary`` (diffuse, zero-mean patterns over both lungs); the anatomy does not depend on it.
 
     Returns:
         ``(image (size, size) uint8, label)`` with ``label`` 1 when a lesion is present, else 0.
@@ -75,6 +110,8 @@ def synthetic_cxr(index: int, *, seed: int, size: int, lesion: bool | None = Non
         raise RaddinoError(f"synthetic image index must be >= 0, got {index}")
     if size < 16:
         raise RaddinoError(f"synthetic image size must be >= 16 pixels, got {size}")
+    if finding not in FINDINGS:
+        raise RaddinoError(f"unknown synthetic finding {finding!r}; choose one of {', '.join(FINDINGS)}")
     rng, lesion_rng, detector_rng = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(3))
     drawn = bool(lesion_rng.random() < 0.5)
     label = int(drawn if lesion is None else lesion)
@@ -167,7 +204,7 @@ def synthetic_cxr(index: int, *, seed: int, size: int, lesion: bool | None = Non
     # Exposure is drawn before the lesion so that forcing the lesion leaves it unchanged.
     gain, offset, gamma = rng.uniform(0.85, 1.15), rng.uniform(-0.08, 0.06), rng.uniform(0.8, 1.25)
     if label:
-        attenuation = attenuation + _lesion(lesion_rng, x=x, y=y, lungs=lungs, size=size)
+        attenuation = attenuation + FINDINGS[finding](lesion_rng, x=x, y=y, lungs=lungs, size=size)
 
     # Display: compress the attenuation like a film response, then vary exposure per image.
     image = 1.0 - np.exp(-1.2 * np.clip(attenuation, 0.0, None))
