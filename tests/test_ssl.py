@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,3 +153,46 @@ def test_demo_probe_table_compares_backbones_and_raw_pixels():
     assert all(0.0 <= r.auroc <= 1.0 and r.best_c in (0.1, 1.0) for r in report.rows)
     assert all(r.auroc_ci[0] <= r.auroc <= r.auroc_ci[1] and r.auroc_ci[0] < r.auroc_ci[1] for r in report.rows)
     assert report.table().count("\n") == 3 and report.auroc("raw pixels") == report.rows[1].auroc
+
+
+def test_demo_probe_embeds_the_requested_readout():
+    """``cls_grid4`` on a 56-px view of ViT-Ti/14: the CLS token next to each of the 4 x 4 patch tokens."""
+    from raddino.build import backbone_from_config
+    from raddino.eval.adapters.base import Preprocess
+    from raddino.eval.adapters.ours import OursBackbone
+    from raddino.probe import embed
+
+    cfg = load_config("tiny_cpu", TINY)
+    torch.manual_seed(0)
+    model = backbone_from_config(cfg.model).eval()
+    views = torch.randn(3, 3, 56, 56)
+    adapter = OursBackbone(spec="t", model=model, preprocess=Preprocess(size=56))
+    grid = embed(adapter, views, protocol="cls_grid4", batch_size=2)
+    out = model.forward_features(views)
+    dim = model.embed_dim
+    assert grid.shape == (3, 17 * dim)
+    np.testing.assert_allclose(grid[:, :dim], out.cls.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grid[:, dim:], out.patch.detach().reshape(3, 16 * dim).numpy(), rtol=1e-5, atol=1e-6)
+    cls_mean = embed(adapter, views, protocol="cls_mean")
+    np.testing.assert_allclose(cls_mean[:, dim:], out.patch.detach().mean(1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("random_ci", "random_auroc", "expected"),
+    [
+        ((0.83, 0.87), 0.85, "above random init and raw pixels with non-overlapping 95 % intervals"),
+        ((0.86, 0.885), 0.87, "overlaps that of random init: no clear gain shown"),
+        ((0.90, 0.94), 0.92, "is not above random init (test AUROC 0.900 vs 0.920): no gain shown"),
+    ],
+)
+def test_demo_verdict_needs_non_overlapping_intervals(random_ci, random_auroc, expected):
+    from raddino.probe import ProbeReport, ProbeRow
+
+    report = ProbeReport(
+        rows=[
+            ProbeRow(name="pretrained teacher", auroc=0.90, auroc_ci=(0.88, 0.92), accuracy=0.8, best_c=1.0),
+            ProbeRow(name="random init", auroc=random_auroc, auroc_ci=random_ci, accuracy=0.8, best_c=1.0),
+            ProbeRow(name="raw pixels", auroc=0.53, auroc_ci=(0.50, 0.56), accuracy=0.5, best_c=1.0),
+        ]
+    )
+    assert expected in report.verdict("pretrained teacher")
