@@ -213,12 +213,16 @@ DINOV2_TEACHER_AND_JITTER = [
 @pytest.mark.slow
 @pytest.mark.parametrize("broken", [False, True], ids=["shipped", "dinov2_jitter_and_teacher"])
 def test_demo_recipe_is_not_flagged_and_the_jitter_recipe_is(tmp_path, broken):
-    """The recipe ``raddino demo`` trains (configs/tiny_cpu.yaml, synthetic radiographs, its schedule compressed to
-    60 steps) raises no collapse flag; the same run with DINOv2's brightness/contrast jitter, 0.04 -> 0.07 teacher
-    and 0.99 -> 1 momentum is flagged student_uniform (its DINO term is inert: the student predicts uniform)."""
+    """The recipe ``raddino demo`` trains (configs/tiny_cpu.yaml, synthetic radiographs with the demo's finding, its
+    schedule compressed to 60 steps) raises no collapse flag; the same run with DINOv2's brightness/contrast jitter,
+    0.04 -> 0.07 teacher and 0.99 -> 1 momentum is flagged student_uniform (its DINO term is inert: the student
+    predicts uniform)."""
+    from raddino.commands.demo import _DEMO_FINDING
+
     cfg = load_config(
         "tiny_cpu",
         [
+            f"data.synthetic_finding={_DEMO_FINDING}",
             f"train.output_dir={tmp_path}",
             "train.steps_per_epoch=15",
             "train.epochs=4",
