@@ -242,6 +242,59 @@ def test_16bit_png_round_trip_keeps_depth(tmp_path: Path) -> None:
     assert levels[16] > 256 >= levels[8]
 
 
+def _png_row_filters(data: bytes) -> set[int]:
+    """The filter-type byte of every row of a non-interlaced grayscale PNG (0 none, 1 sub, 2 up, 3 avg, 4 Paeth)."""
+    import struct
+    import zlib
+
+    width, height, depth = struct.unpack(">IIB", data[16:25])
+    assert data[25] == 0 and data[28] == 0  # grayscale, not interlaced
+    pos, idat = 8, b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        if data[pos + 4 : pos + 8] == b"IDAT":
+            idat += data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    stride = 1 + width * depth // 8
+    assert len(raw) == stride * height
+    return {raw[row * stride] for row in range(height)}
+
+
+def test_stored_pngs_use_the_up_filter_at_the_level_asked() -> None:
+    # The builder writes every row with PNG's "up" filter (cheap to undo when training decodes it again and again);
+    # the pixels read back exactly with PIL and OpenCV, at either depth; the zlib level is the one asked for.
+    import cv2
+
+    from raddino.data.preprocess import encode_png
+
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(rng.integers(-3, 4, size=(96, 80)), axis=0) + np.arange(80)  # radiograph-like gradients
+    eight = np.clip(smooth + 128, 0, 255).astype(np.uint8)
+    sixteen = (np.clip(smooth + 128, 0, 255) * 257 + rng.integers(0, 200, size=smooth.shape)).astype(np.uint16)
+    for pixels in (eight, sixteen):
+        data = encode_png(pixels, compress_level=3)
+        assert _png_row_filters(data) == {2}
+        with Image.open(io.BytesIO(data)) as image:
+            np.testing.assert_array_equal(np.asarray(image).astype(pixels.dtype), pixels)
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert decoded.dtype == pixels.dtype
+        np.testing.assert_array_equal(decoded, pixels)
+        sizes = [len(encode_png(pixels, compress_level=level)) for level in (0, 9)]
+        assert sizes[0] > pixels.nbytes > sizes[1]  # level 0 stores, level 9 compresses
+    with pytest.raises(AssertionError, match="uint8 / uint16"):
+        encode_png(eight.astype(np.float32), compress_level=3)
+
+
+def test_shard_cli_defaults_are_the_preprocess_defaults() -> None:
+    from raddino.cli import build_parser
+
+    args = build_parser().parse_args(["shard", "in", "--out", "out"])
+    defaults = PreprocessOptions()
+    assert args.png_compress_level == defaults.png_compress_level
+    assert args.size == defaults.size and args.resample == defaults.resample and args.bit_depth == defaults.bit_depth
+
+
 def test_shard_rolling_manifest_hashes_and_webdataset_reader(tmp_path: Path) -> None:
     import webdataset
 

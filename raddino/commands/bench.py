@@ -251,9 +251,10 @@ def _write_synthetic_shards(out_dir: Path, *, images: int, size: int, bit_depth:
     """``out_dir/shard-NNNNNN.tar`` in the builder's format (:mod:`raddino.data.shard_format`) -> brace pattern."""
     from tqdm import tqdm
 
-    from raddino.data.preprocess import encode_png
+    from raddino.data.preprocess import PreprocessOptions, encode_png
     from raddino.data.shard_format import SampleRecord, ShardWriter, sample_members
 
+    level = PreprocessOptions().png_compress_level  # the PNGs `raddino shard` writes
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out_dir, max_count=_SHARD_SAMPLES, max_bytes=2**62)  # shards split by count only
     try:
@@ -262,7 +263,7 @@ def _write_synthetic_shards(out_dir: Path, *, images: int, size: int, bit_depth:
                 pixels = _synthetic_image(index, seed=seed, size=size, bit_depth=bit_depth)
                 shape = (int(pixels.shape[0]), int(pixels.shape[1]))
                 record = SampleRecord("png", shape, size=shape, bit_depth=bit_depth)
-                writer.add(f"{index:032x}", sample_members(encode_png(pixels, compress_level=1), record))
+                writer.add(f"{index:032x}", sample_members(encode_png(pixels, compress_level=level), record))
                 bar.update(1)
         writer.close()
     except BaseException:

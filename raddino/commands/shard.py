@@ -108,7 +108,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="bicubic",
         help="resampling filter, antialiased when shrinking (default bicubic)",
     )
-    group.add_argument("--png-compress-level", type=int, default=1, help="zlib level 0-9 of stored PNGs (default 1)")
+    group.add_argument(
+        "--png-compress-level",
+        type=int,
+        default=3,
+        help="zlib level 0-9 of stored PNGs (default 3; 6-9 write several times slower for ~3%% smaller files)",
+    )
     group.add_argument(
         "--multi-frame",
         choices=("skip", "first"),

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # ITU-R BT.601 luma weights (the ones PIL's convert("L") uses).
 _LUMA_601 = np.array([0.299, 0.587, 0.114], dtype=np.float64)
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the first 8 bytes of every PNG file
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_GRAY = 0  # IHDR colour type of grayscale without alpha
 # Chunks after which OpenCV's decoding would differ from PIL + pil_to_gray: transparency (PIL keeps "L" and ignores
@@ -74,7 +74,7 @@ def sniff_format(head: bytes, suffix: str = "") -> str | None:
     are treated as DICOM too (pre-Part-10 files, read with ``force=True``); any other file without a known magic
     number is unsupported.
     """
-    if head.startswith(_PNG_MAGIC):
+    if head.startswith(PNG_SIGNATURE):
         return "png"
     if head.startswith(_JPEG_MAGIC):
         return "jpeg"
@@ -132,7 +132,7 @@ def _is_plain_gray_png(data: bytes) -> bool:
 
     Reads the chunk headers up to the first IDAT only (a few bytes; no CRC checks, the decoder does those).
     """
-    if not data.startswith(_PNG_MAGIC) or len(data) < 33 or data[12:16] != b"IHDR":
+    if not data.startswith(PNG_SIGNATURE) or len(data) < 33 or data[12:16] != b"IHDR":
         return False
     bit_depth, colour_type = data[24], data[25]
     if colour_type != _PNG_GRAY or bit_depth not in (8, 16):
