@@ -119,6 +119,7 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def teacher_targets(self, batch: SSLBatch, *, teacher_temp: float) -> tuple[Tensor, Tensor]:
         """The teacher's half of a step: CLS targets (G, B, K) and masked-patch targets (M, K), no grad."""
+        assert not batch.is_gray, "SSLMetaArch takes model input: call batch.normalized() on the device first"
         tower = self.teacher
         out = tower["backbone"].forward_features(batch.global_crops)
         cls_logits = tower["dino_head"](out.cls)
@@ -137,6 +138,7 @@ class SSLMetaArch(nn.Module):
     def student_loss(self, batch: SSLBatch, targets: tuple[Tensor, Tensor]) -> SSLOutput:
         """The student's half: forward of all crops, DINO + iBOT + KoLeo against ``targets`` (from
         :meth:`teacher_targets`), and the monitors. Separate so benchmarks can time the two halves."""
+        assert not batch.is_gray, "SSLMetaArch takes model input: call batch.normalized() on the device first"
         cls_targets, patch_targets = targets
         tower = self.student
         glob = tower["backbone"].forward_features(batch.global_crops, masks=batch.masks)

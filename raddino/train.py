@@ -219,7 +219,8 @@ def fit(t: Training) -> FitSummary:
         sched = t.schedules.at(step)
         apply_schedule(t.optimizer, lr=sched.lr, weight_decay=sched.weight_decay, last_layer_lr=sched.last_layer_lr)
         # Take the whole step's micro-batches first: a refused step still consumes exactly its global batch.
-        micro = [next(batches).to(t.device, non_blocking=True) for _ in range(d.accumulation_steps)]
+        # The loader ships gray crops; the 3 normalised channels are made on the device.
+        micro = [next(batches).to(t.device, non_blocking=True).normalized() for _ in range(d.accumulation_steps)]
         position += d.global_batch
         t.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}

@@ -143,7 +143,7 @@ def run_train_bench(cfg: DictConfig, *, steps: int, warmup: int, peak_tflops: fl
     model.train()
     for i in range(warmup + steps):
         with timer.phase("data"):
-            batch = next(batches).to(device, non_blocking=True)
+            batch = next(batches).to(device, non_blocking=True).normalized()
         with autocast:
             with timer.phase("teacher_forward"):
                 targets = model.teacher_targets(batch, teacher_temp=sched.teacher_temp)

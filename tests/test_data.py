@@ -219,26 +219,29 @@ def test_multicrop_shapes_dtypes_and_no_nan():
     )
     image = synthetic_cxr(0, seed=0, size=96)[0]
     g, loc = aug(image, np.random.default_rng(0))
-    assert g.shape == (2, 3, 40, 40) and loc.shape == (5, 3, 20, 20)
+    assert g.shape == (2, 1, 40, 40) and loc.shape == (5, 1, 20, 20)  # gray: one channel leaves the loader
     assert g.dtype == torch.float32 and loc.dtype == torch.float32
     assert torch.isfinite(g).all() and torch.isfinite(loc).all()
+    assert g.min() >= 0 and g.max() <= 1 and loc.min() >= 0 and loc.max() <= 1
     for constant in (0, 255):  # flat images: the contrast mean and blur stay finite
         g, loc = aug(np.full((64, 64), constant, np.uint8), np.random.default_rng(1))
         assert torch.isfinite(g).all() and torch.isfinite(loc).all()
-    # three channels are the gray value normalised per channel
-    gray = g[:, 0] * STD[0] + MEAN[0]
-    for ch in (1, 2):
-        torch.testing.assert_close(g[:, ch] * STD[ch] + MEAN[ch], gray, atol=1e-5, rtol=0)
 
 
 def test_multicrop_normalisation_is_exact_on_a_flat_image():
+    # gray crops carry the normalisation; SSLBatch.normalized() replicates them to 3 channels (gray - mean) / std
     aug = _no_jitter()
     for dtype, value, full in ((np.uint8, 77, 255), (np.uint16, 40000, 65535)):
         g, loc = aug(np.full((50, 60), value, dtype), np.random.default_rng(0))
+        torch.testing.assert_close(g, torch.full_like(g, value / full), atol=1e-6, rtol=0)
+        model_input = SSLBatch(
+            global_crops=g, local_crops=loc, masks=torch.zeros(2, 1, dtype=torch.bool), mean=aug.mean, std=aug.std
+        ).normalized()
+        assert model_input.global_crops.shape == (2, 3, *g.shape[2:]) and model_input.mean is None
         for ch in range(3):
             expected = (value / full - MEAN[ch]) / STD[ch]
-            torch.testing.assert_close(g[:, ch], torch.full_like(g[:, ch], expected), atol=1e-5, rtol=0)
-            torch.testing.assert_close(loc[:, ch], torch.full_like(loc[:, ch], expected), atol=1e-5, rtol=0)
+            for crops in (model_input.global_crops, model_input.local_crops):
+                torch.testing.assert_close(crops[:, ch], torch.full_like(crops[:, ch], expected), atol=1e-5, rtol=0)
 
 
 def test_multicrop_determinism_and_rng_dependence():
@@ -290,7 +293,7 @@ def test_multicrop_crop_matches_torchvision_resized_crop():
                 Image.fromarray(image), top, left, bottom - top, right - left, [32, 32], InterpolationMode.BICUBIC
             )
             ref = torch.from_numpy(np.asarray(ref, np.float32) / 255)[3:-3, 3:-3]
-            ours = (g[0, 0] * STD[0] + MEAN[0])[3:-3, 3:-3]
+            ours = g[0, 0][3:-3, 3:-3]
             if atol is not None:
                 torch.testing.assert_close(ours, ref, atol=atol, rtol=0)
             assert (ours - ref).abs().mean() < mean_atol
@@ -342,8 +345,8 @@ def test_random_resized_crop_boxes_keep_their_distribution():
 
 
 def _crop_statistics(crops: torch.Tensor) -> np.ndarray:
-    """(N, 3, S, S) normalised crops -> (N, 3): gray mean, gray std, mean |horizontal difference| per crop."""
-    gray = (crops[:, 0] * STD[0] + MEAN[0]).double()
+    """(N, 1, S, S) gray crops -> (N, 3): gray mean, gray std, mean |horizontal difference| per crop."""
+    gray = crops[:, 0].double()
     return torch.stack(
         [gray.mean((1, 2)), gray.std((1, 2)), (gray[:, :, 1:] - gray[:, :, :-1]).abs().mean((1, 2))], 1
     ).numpy()
@@ -384,7 +387,7 @@ def test_16bit_input_keeps_its_depth_through_the_crop():
     assert len(np.unique(ramp // 257)) == 1
     aug = _no_jitter(global_size=64, local_size=32, global_scale=(0.9, 1.0))
     g, loc = aug(ramp, np.random.default_rng(0))
-    levels = (g[:, 0] * STD[0] + MEAN[0]).double() * 65535  # back to 16-bit units
+    levels = g[:, 0].double() * 65535  # back to 16-bit units
     assert torch.isfinite(g).all() and torch.isfinite(loc).all()
     for crop in levels:
         span = crop[:, -1] - crop[:, 0]
@@ -563,19 +566,19 @@ def test_ibot_masks_ratio_bounds_probability_and_determinism():
 
 
 def _sample(j: int, n_global: int = 2, n_local: int = 3, label: int | None = 0) -> SSLSample:
-    glob = torch.stack([torch.full((3, 4, 4), 100.0 * j + c) for c in range(n_global)])
-    loc = torch.stack([torch.full((3, 2, 2), 100.0 * j + c) for c in range(n_local)])
+    glob = torch.stack([torch.full((1, 4, 4), 100.0 * j + c) for c in range(n_global)])
+    loc = torch.stack([torch.full((1, 2, 2), 100.0 * j + c) for c in range(n_local)])
     masks = torch.zeros(n_global, 4, dtype=torch.bool)
     for c in range(n_global):
         masks[c, (j + c) % 4] = True
-    return SSLSample(global_crops=glob, local_crops=loc, masks=masks, label=label)
+    return SSLSample(global_crops=glob, local_crops=loc, masks=masks, mean=MEAN, std=STD, label=label)
 
 
 def test_collate_is_crop_major():
     b = 5
     batch = collate_ssl([_sample(j, label=j % 2) for j in range(b)])
     assert batch.batch_size == b and batch.n_global == 2
-    assert batch.global_crops.shape == (2 * b, 3, 4, 4) and batch.local_crops.shape == (3 * b, 3, 2, 2)
+    assert batch.global_crops.shape == (2 * b, 1, 4, 4) and batch.local_crops.shape == (3 * b, 1, 2, 2)
     for c in range(2):
         for j in range(b):
             assert torch.all(batch.global_crops[c * b + j] == 100 * j + c)
@@ -587,6 +590,15 @@ def test_collate_is_crop_major():
     assert collate_ssl([_sample(0), _sample(1, label=None)]).labels is None
     moved = batch.to("cpu", non_blocking=True)
     assert torch.equal(moved.global_crops, batch.global_crops) and moved.batch_size == b
+    assert moved.mean == MEAN and moved.std == STD and moved.is_gray
+    # the model input: 3 channels, channel c = (gray - mean[c]) / std[c], rows unchanged
+    model_input = moved.normalized()
+    assert not model_input.is_gray and model_input.normalized() is model_input
+    assert model_input.global_crops.shape == (2 * b, 3, 4, 4) and model_input.local_crops.shape == (3 * b, 3, 2, 2)
+    for ch in range(3):
+        expected = (batch.global_crops[:, 0] - MEAN[ch]) / STD[ch]
+        torch.testing.assert_close(model_input.global_crops[:, ch], expected, rtol=1e-6, atol=1e-4)
+    assert torch.equal(model_input.masks, batch.masks) and torch.equal(model_input.labels, batch.labels)
 
 
 def test_batch_size_without_labels_and_shape_check():
@@ -602,6 +614,14 @@ def test_batch_size_without_labels_and_shape_check():
             global_crops=torch.zeros(8, 3, 4, 4),
             local_crops=torch.zeros(0, 3, 2, 2),
             masks=torch.zeros(6, 4, dtype=torch.bool),
+        )
+    with pytest.raises(RaddinoError, match="gray crops need 1 channel"):  # gray = mean / std attached
+        SSLBatch(
+            global_crops=torch.zeros(8, 3, 4, 4),
+            local_crops=torch.zeros(8, 3, 2, 2),
+            masks=torch.zeros(8, 4, dtype=torch.bool),
+            mean=MEAN,
+            std=STD,
         )
 
 
@@ -634,7 +654,7 @@ def _assert_same_sample(a: SSLSample, b: SSLSample) -> None:
 def test_dataset_positions_are_reproducible_and_epochs_permute():
     ds, fresh = _dataset(), _dataset()
     sample = ds[13]
-    assert sample.global_crops.shape == (2, 3, 28, 28) and sample.masks.shape == (2, 16)
+    assert sample.global_crops.shape == (2, 1, 28, 28) and sample.masks.shape == (2, 16)
     assert sample.masks.dtype == torch.bool
     ds[3], ds[25]  # other positions (and epochs) first change nothing
     _assert_same_sample(ds[13], sample)

@@ -1,16 +1,17 @@
 """Multi-crop augmentation for radiographs (DINOv2's recipe adapted to single-channel, possibly 16-bit images).
 
 Per crop, in DINOv2's order: random resized crop (area scale + log-uniform aspect ratio, torchvision's algorithm),
-horizontal flip, brightness/contrast jitter, Gaussian blur, optional solarisation; then the gray channel is
-replicated to 3 channels and normalised with ``mean``/``std``. See ``docs/AUGMENTATION.md`` for the choices against
-DINOv2's defaults.
+horizontal flip, brightness/contrast jitter, Gaussian blur, optional solarisation. Crops leave as one gray channel
+in [0, 1]; replicating it to 3 channels normalised with ``mean``/``std`` happens on the training device
+(:meth:`raddino.data.batch.SSLBatch.normalized`), so the loader moves a third of the bytes. See
+``docs/AUGMENTATION.md`` for the choices against DINOv2's defaults.
 
 Precision: every image is converted once to float32 in [0, 1] (uint8 / 255, uint16 / 65535), so 16-bit data keeps
 its depth (never reduced to 8 bits) and both dtypes share one code path.
 
 Speed: the default resampling (``interpolation="pyramid"``) shrinks the crop box by 2x box averages and bilinear
 OpenCV resizes (``_PyramidResampler``); everything after the resize runs on the small crop (jitter, OpenCV separable
-blur, and one write per output channel that also normalises). The random draws of a crop are one numpy call.
+blur, and one write into the output crop). The random draws of a crop are one numpy call.
 ``"bicubic"`` / ``"bilinear"`` keep PIL's antialiased resampling (the exact torchvision / DINOv2 resize) for
 ablations, about 6x slower per crop.
 """
@@ -212,7 +213,8 @@ class MultiCropAugmentation:
         global_size / local_size: side of the square global / local crops in pixels.
         n_global / n_local: crops per image (DINOv2: 2 and 8).
         global_scale / local_scale: area fraction range of the random resized crops.
-        mean / std: per-channel normalisation of the 3 replicated gray channels (default: ImageNet, as DINOv2).
+        mean / std: per-channel normalisation of the 3 replicated gray channels (default: ImageNet, as DINOv2),
+            attached to each sample and applied on the training device (:meth:`SSLBatch.normalized`).
         flip_p: horizontal flip probability.
         brightness / contrast: jitter strengths; factors are drawn from [max(0, 1 - s), 1 + s] as in torchvision.
         jitter_p: probability that a crop is jittered at all (DINOv2: 0.8).
@@ -229,7 +231,8 @@ class MultiCropAugmentation:
             box-reduced copy of the image (faster, ~0.3 gray levels from exact); None resamples every crop from the
             full image.
 
-    ``__call__(image (H, W) uint8 | uint16, rng) -> (global (G, 3, Hg, Wg), local (L, 3, Hl, Wl))`` float32 tensors.
+    ``__call__(image (H, W) uint8 | uint16, rng) -> (global (G, 1, Hg, Wg), local (L, 1, Hl, Wl))`` float32 gray
+    tensors in [0, 1].
     """
 
     def __init__(
@@ -273,10 +276,8 @@ class MultiCropAugmentation:
         self.global_size, self.local_size = global_size, local_size
         self.n_global, self.n_local = n_global, n_local
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
-        self.mean = np.asarray(mean, dtype=np.float32)
-        self.std = np.asarray(std, dtype=np.float32)
-        self.inv_std = np.float32(1.0) / self.std
-        self.shift = -self.mean * self.inv_std
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
         self.flip_p, self.jitter_p = flip_p, jitter_p
         self.brightness, self.contrast = brightness, contrast
         self.blur_sigma = tuple(blur_sigma)
@@ -295,9 +296,9 @@ class MultiCropAugmentation:
             resample = _RESAMPLE[self.interpolation]
             resampler = _PilResampler(values, resample=resample, reducing_gap=self.reducing_gap)
         height, width = values.shape
-        globals_ = torch.empty((self.n_global, 3, self.global_size, self.global_size), dtype=torch.float32)
-        locals_ = torch.empty((self.n_local, 3, self.local_size, self.local_size), dtype=torch.float32)
-        out_g, out_l = globals_.numpy(), locals_.numpy()
+        globals_ = torch.empty((self.n_global, 1, self.global_size, self.global_size), dtype=torch.float32)
+        locals_ = torch.empty((self.n_local, 1, self.local_size, self.local_size), dtype=torch.float32)
+        out_g, out_l = globals_.numpy()[:, 0], locals_.numpy()[:, 0]
         for c in range(self.n_global):
             blur_p = self.global_blur_p[min(c, len(self.global_blur_p) - 1)]
             solarize_p = self.solarize_p if c == 1 else 0.0
@@ -331,7 +332,7 @@ class MultiCropAugmentation:
         solarize_p: float,
         rng: np.random.Generator,
     ) -> None:
-        """Write one normalised (3, size, size) crop into ``out``.
+        """Write one gray (size, size) crop in [0, 1] into ``out``.
 
         Draws a fixed number of uniforms from ``rng`` in one call (whatever is applied), in a fixed order: the box,
         then flip, jitter, blur and solarisation.
@@ -347,13 +348,10 @@ class MultiCropAugmentation:
 
         # Everything after the resize runs on the small crop. Jitter (a mean and point operations), the blur
         # (symmetric kernel, mirrored borders) and solarisation commute with a horizontal flip, so the flip comes
-        # last, just before the normalising write.
+        # last, as the write into ``out``.
         values = jitter.apply(resampler(box, size))
         if sigma is not None:
             values = gaussian_blur(values, sigma)
         if solarized:
             values = solarize(values, self.solarize_threshold)
-        if flip:
-            values = cv2.flip(values, 1)
-        for ch in range(3):  # one pass per output channel: out = values / std - mean / std
-            cv2.addWeighted(values, float(self.inv_std[ch]), values, 0.0, float(self.shift[ch]), dst=out[ch])
+        np.copyto(out, values[:, ::-1] if flip else values)

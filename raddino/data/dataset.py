@@ -50,7 +50,7 @@ def make_ssl_sample(
 ) -> SSLSample:
     """Crops, then one iBOT mask per global crop, of one (H, W) uint8 / uint16 image, drawn from ``rng`` in that order.
 
-    Returns an :class:`SSLSample` with global crops (G, 3, Hg, Wg), local crops (L, 3, Hl, Wl) and masks
+    Returns an :class:`SSLSample` with gray global crops (G, 1, Hg, Wg), local crops (L, 1, Hl, Wl) and masks
     (G, grid[0] * grid[1]) bool.
     """
     global_crops, local_crops = augmentation(image, rng)
@@ -60,7 +60,14 @@ def make_ssl_sample(
             for _ in range(global_crops.shape[0])
         ]
     )
-    return SSLSample(global_crops=global_crops, local_crops=local_crops, masks=torch.from_numpy(masks), label=label)
+    return SSLSample(
+        global_crops=global_crops,
+        local_crops=local_crops,
+        masks=torch.from_numpy(masks),
+        mean=augmentation.mean,
+        std=augmentation.std,
+        label=label,
+    )
 
 
 class SSLDataset(Dataset[SSLSample]):
@@ -74,7 +81,7 @@ class SSLDataset(Dataset[SSLSample]):
         mask_ratio: (min, max) fraction of masked patches of a masked crop.
         seed: stream seed.
 
-    ``dataset[p]`` -> :class:`SSLSample` with global crops (G, 3, Hg, Wg), local crops (L, 3, Hl, Wl),
+    ``dataset[p]`` -> :class:`SSLSample` with gray global crops (G, 1, Hg, Wg), local crops (L, 1, Hl, Wl),
     masks (G, (Hg/patch)^2) bool and the source label.
     """
 

@@ -164,7 +164,7 @@ class ShardStream(IterableDataset[SSLBatch]):
         resampled: draw shards with replacement (True) or read passes without repetition (False).
         num_batches: stop after this many batches on this rank (None: endless, as training wants).
 
-    Iterating yields batches with global crops (G*B, 3, Hg, Wg), local crops (L*B, 3, Hl, Wl), masks
+    Iterating yields gray batches: global crops (G*B, 1, Hg, Wg), local crops (L*B, 1, Hl, Wl), masks
     (G*B, (Hg/patch)^2) bool and ``labels=None``.
     """
 
