@@ -26,7 +26,10 @@ EPILOG = """examples:
   raddino bench loader --workers 0,4,8 --batches 50
   raddino bench loader --shards '/data/cxr/shard-{000000..000009}.tar' --workers 8
 
-Numbers depend on what else runs on the machine: compare runs made side by side.
+Numbers depend on what else runs on the machine: compare runs made side by side. Synthetic images are not
+your radiographs: decoding speed depends on the image and on the PNG writer (real radiographs in PNGs written by
+Pillow decode about 2x slower than in the PNGs `raddino shard` writes). To know how fast your data loads, time
+your own shards with --shards.
 """
 
 _SHARD_SAMPLES = 16  # samples per temporary shard
