@@ -22,7 +22,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -114,9 +114,15 @@ class SubsetDropPathBlock(Block):
         return subset_residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), rate)
 
 
-@dataclass
-class BackboneOutput:
-    """Tokens after the final norm: ``cls (B, D)``, ``patch (B, N, D)`` (row-major grid), ``registers (B, R, D)``."""
+class BackboneOutput(NamedTuple):
+    """Tokens after the final norm: ``cls (B, D)``, ``patch (B, N, D)`` (row-major grid), ``registers (B, R, D)``.
+
+    A NamedTuple, not a dataclass: FSDP2 registers its pre-backward all-gather on the tensors it finds in a unit's
+    output, and before torch 2.13 it finds them only inside pytree containers (tuples, lists, dicts), not inside a
+    dataclass. With a dataclass the backbone's root parameters (patch embedding, tokens, position embedding, final
+    norm) were resharded after forward and never gathered again, and backward failed with "data is not allocated
+    yet" (torch 2.11, every FSDP2 run).
+    """
 
     cls: torch.Tensor
     patch: torch.Tensor
