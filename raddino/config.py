@@ -174,7 +174,7 @@ class ParallelConfig:
     fsdp: bool | None = None
     activation_checkpointing: int = 0  # recompute every k-th block in backward: 0 off, 1 every block
     compile: bool = False  # torch.compile each transformer block
-    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3); false = ZeRO-2
+    reshard_after_forward: bool = True  # FSDP2, student: free gathered params after forward (ZeRO-3); false = ZeRO-2
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     timeout_s: int = 600  # collective timeout: a hung or dead rank fails the job after this long
 

@@ -135,12 +135,12 @@ class ParallelPlan:
     compile: bool = False
     param_dtype: torch.dtype | None = None  # FSDP2 mixed precision: compute dtype of gathered params (bf16)
     reduce_dtype: torch.dtype | None = torch.float32  # gradient reduce-scatter dtype
-    reshard_after_forward: bool = True
+    reshard_after_forward: bool = True  # the student's units (the teacher's always reshard: it has no backward)
 
 
-def _shard_tower(tower: nn.ModuleDict, *, mesh: DeviceMesh, plan: ParallelPlan) -> None:
+def _shard_tower(tower: nn.ModuleDict, *, mesh: DeviceMesh, plan: ParallelPlan, reshard_after_forward: bool) -> None:
     mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
-    kwargs = {"mesh": mesh, "mp_policy": mp, "reshard_after_forward": plan.reshard_after_forward}
+    kwargs = {"mesh": mesh, "mp_policy": mp, "reshard_after_forward": reshard_after_forward}
     backbone = tower["backbone"]
     for block in backbone.blocks:
         fully_shard(block, **kwargs)
@@ -173,8 +173,11 @@ def parallelize(model: nn.Module, *, plan: ParallelPlan, env: ParallelEnv) -> nn
             backend = "nccl" if env.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         mesh = init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("dp",))
-        for tower in (model.student, model.teacher):
-            _shard_tower(tower, mesh=mesh, plan=plan)
+        _shard_tower(model.student, mesh=mesh, plan=plan, reshard_after_forward=plan.reshard_after_forward)
+        # The teacher always reshards after its forward: it never runs backward, so gathered weights kept for a
+        # backward (ZeRO-2) would only cost memory, and they would stay gathered until the next step, where the EMA
+        # would meet full tensors beside the student's shards.
+        _shard_tower(model.teacher, mesh=mesh, plan=plan, reshard_after_forward=True)
         log.info(
             "FSDP2 over %d rank(s): %d blocks + root + heads per tower, params %s, reduce %s",
             env.world_size,

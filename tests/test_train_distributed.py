@@ -204,12 +204,17 @@ def test_global_batch_split():
 
 
 @pytest.mark.timeout(300)
-def test_fsdp_on_one_process_equals_plain(tmp_path, reference):
-    """parallel.fsdp=true on one process (the single-GPU bf16 path, here fp32 on CPU) trains like no sharding."""
+@pytest.mark.parametrize("reshard", [True, False], ids=["zero3", "zero2"])
+def test_fsdp_on_one_process_equals_plain(tmp_path, reference, reshard):
+    """parallel.fsdp=true on one process (the single-GPU bf16 path, here fp32 on CPU) trains like no sharding, also
+    with the student's gathered weights kept for backward (ZeRO-2; the teacher still reshards, else the EMA met its
+    full tensors beside the student's shards and failed)."""
     from raddino import parallel
 
     try:
-        training, summary = _one_rank(tmp_path / "fsdp1", "train.max_steps=4", "parallel.fsdp=true")
+        training, summary = _one_rank(
+            tmp_path / "fsdp1", "train.max_steps=4", "parallel.fsdp=true", f"parallel.reshard_after_forward={reshard}"
+        )
         from torch.distributed.tensor import DTensor
 
         assert all(isinstance(p, DTensor) for p in training.model.student.parameters())
