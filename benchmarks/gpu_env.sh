@@ -9,4 +9,5 @@ fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import raddino, torch, torchvision, timm, omegaconf, webdataset; print('gpu_env: imports ok, torch',
-    torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
+    torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__,
+    torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
