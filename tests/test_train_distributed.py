@@ -241,10 +241,11 @@ def test_sharded_backbone_root_is_gathered_again_for_backward():
     FSDP2 finds a unit's outputs to hook the pre-backward all-gather on by walking them; torch before 2.13 walks only
     pytree containers (tuple / list / dict), so ``forward_features`` returns a NamedTuple. With a dataclass output
     every FSDP2 run failed in backward on torch 2.11 ("data is not allocated yet"), the GPU machines' torch."""
+    from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     from raddino.models.vit import BackboneOutput, build_backbone
+    from raddino.parallel import ParallelPlan, _shard_tower
 
     assert issubclass(BackboneOutput, tuple)  # the container every torch's FSDP2 walks
     torch.manual_seed(0)
@@ -263,10 +264,10 @@ def test_sharded_backbone_root_is_gathered_again_for_backward():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        for block in sharded.blocks:
-            fully_shard(block, mesh=mesh, reshard_after_forward=True)
-        fully_shard(sharded, mesh=mesh, reshard_after_forward=True)  # explicit: the root reshards too (ZeRO-3)
-        register_fsdp_forward_method(sharded, "forward_features")
+        # the trainer's sharding of a tower: blocks, then the root, resharded after forward (ZeRO-3)
+        _shard_tower(
+            nn.ModuleDict({"backbone": sharded}), mesh=mesh, plan=ParallelPlan(fsdp=True), reshard_after_forward=True
+        )
         loss(sharded).backward()
         grads = {name: p.grad.full_tensor() for name, p in sharded.named_parameters()}
     finally:
