@@ -98,6 +98,7 @@ def meta_arch_from_config(cfg: DictConfig) -> SSLMetaArch:
         dino_weight=cfg.loss.dino_weight,
         ibot_weight=cfg.loss.ibot_weight,
         koleo_weight=cfg.loss.koleo_weight,
+        pack_crops=cfg.model.pack_crops,
     )
     if source is not None:
         init_meta_arch(model, init_from=source, init_head=cfg.model.init_head, strict=cfg.model.init_strict)

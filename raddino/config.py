@@ -31,6 +31,10 @@ class ModelConfig:
     # sample (timm's DropPath: dropped samples still run the block, zeroed) | subset (only the kept samples run each
     # residual branch, DINOv2's efficient stochastic depth: ~drop_path_rate less block compute, same expectation)
     drop_path_mode: str = "sample"
+    # true: the student runs global and local crops through its blocks in one packed pass (one matmul per layer for
+    # all crops, attention per crop size; under FSDP2 one weight gather per block instead of two). Same losses up
+    # to float rounding; with drop path the draws come in another order. docs/TRAINING.md, "Performance levers"
+    pack_crops: bool = False
     layerscale: float = 1e-5
     # auto (the rule of the model.init_from source, so continued pretraining sees what the source saw; dinov2
     # without one) | dinov2 (offset 0.1, no antialias) | dinov2_reg (no offset, antialias) | hf (no offset, no

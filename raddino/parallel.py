@@ -11,9 +11,9 @@ One code path for 1 process, 1 GPU, 8 GPUs and N nodes:
   The teacher is sharded like the student, so the EMA update (:meth:`raddino.ssl.SSLMetaArch.update_teacher`)
   runs shard-locally on matching DTensors with no gather.
 
-The SSL meta-architecture calls ``backbone.forward_features`` (not ``forward``), so that method is registered with
-FSDP (:func:`torch.distributed.fsdp.register_fsdp_forward_method`) to all-gather the backbone root's own
-parameters (patch embedding, tokens, position embedding, final norm) around it.
+The SSL meta-architecture calls ``backbone.forward_features`` / ``forward_features_packed`` (not ``forward``), so
+those methods are registered with FSDP (:func:`torch.distributed.fsdp.register_fsdp_forward_method`) to all-gather
+the backbone root's own parameters (patch embedding, tokens, position embedding, final norm) around them.
 """
 
 from __future__ import annotations
@@ -146,6 +146,7 @@ def _shard_tower(tower: nn.ModuleDict, *, mesh: DeviceMesh, plan: ParallelPlan, 
         fully_shard(block, **kwargs)
     fully_shard(backbone, **kwargs)
     register_fsdp_forward_method(backbone, "forward_features")
+    register_fsdp_forward_method(backbone, "forward_features_packed")
     for name, head in tower.items():
         if name != "backbone":
             fully_shard(head, **kwargs)

@@ -68,6 +68,7 @@ class SSLMetaArch(nn.Module):
         dino_weight: float,
         ibot_weight: float,
         koleo_weight: float,
+        pack_crops: bool = False,
     ) -> None:
         super().__init__()
         student = {"backbone": backbone, "dino_head": dino_head}
@@ -88,6 +89,8 @@ class SSLMetaArch(nn.Module):
         self.dino_weight = dino_weight
         self.ibot_weight = ibot_weight
         self.koleo_weight = koleo_weight
+        # one student backbone pass for global and local crops (VisionTransformer.forward_features_packed)
+        self.pack_crops = pack_crops
         out_dim = dino_head.out_dim
         self.register_buffer("dino_center", torch.zeros(1, out_dim))
         self.register_buffer("ibot_center", torch.zeros(1, (ibot_head or dino_head).out_dim))
@@ -141,10 +144,15 @@ class SSLMetaArch(nn.Module):
         assert not batch.is_gray, "SSLMetaArch takes model input: call batch.normalized() on the device first"
         cls_targets, patch_targets = targets
         tower = self.student
-        glob = tower["backbone"].forward_features(batch.global_crops, masks=batch.masks)
-        cls_tokens = [glob.cls]
-        if self.n_local:
-            cls_tokens.append(tower["backbone"].forward_features(batch.local_crops).cls)
+        backbone = tower["backbone"]
+        if self.n_local and self.pack_crops:
+            glob, loc = backbone.forward_features_packed([batch.global_crops, batch.local_crops], [batch.masks, None])
+            cls_tokens = [glob.cls, loc.cls]
+        else:
+            glob = backbone.forward_features(batch.global_crops, masks=batch.masks)
+            cls_tokens = [glob.cls]
+            if self.n_local:
+                cls_tokens.append(backbone.forward_features(batch.local_crops).cls)
         cls_logits = tower["dino_head"](torch.cat(cls_tokens)).float()
         n_crops = self.n_global + self.n_local
         dino = dino_loss(cls_logits.reshape(n_crops, batch.batch_size, -1), cls_targets, self.student_temp)

@@ -482,8 +482,10 @@ def test_subset_drop_path_blocks_equal_timm_blocks_in_eval_and_train_gradients()
         build_backbone(arch="tiny", img_size=28, drop_path_mode="batch")
 
 
-def test_subset_drop_path_under_activation_checkpointing_recomputes_the_same_subsets() -> None:
-    """Checkpointed blocks rerun their forward in backward; the recomputed subsets must be the drawn ones."""
+@pytest.mark.parametrize("packed", [False, True], ids=["per-size", "packed"])
+def test_subset_drop_path_under_activation_checkpointing_recomputes_the_same_subsets(packed: bool) -> None:
+    """Checkpointed blocks rerun their forward in backward; the recomputed subsets must be the drawn ones (also for
+    packed crops of two sizes)."""
     grads = []
     for every in (0, 1):
         model = build_backbone(arch="tiny", img_size=28, drop_path_rate=0.4, drop_path_mode="subset")
@@ -492,9 +494,92 @@ def test_subset_drop_path_under_activation_checkpointing_recomputes_the_same_sub
         model.train()
         with torch.random.fork_rng():
             torch.manual_seed(5)
-            model(_images(8, 28, 28)).sum().backward()
+            if packed:
+                outs = model.forward_features_packed([_images(8, 28, 28), _images(8, 14, 14, seed=1)], [None, None])
+                sum(o.cls.sum() + o.patch.sum() for o in outs).backward()
+            else:
+                model(_images(8, 28, 28)).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
+def _packed_pair(mode: str, rate: float) -> VisionTransformer:
+    model = build_backbone(arch="tiny", img_size=56, num_registers=2, drop_path_rate=rate, drop_path_mode=mode)
+    model.load_state_dict(build_backbone(arch="tiny", img_size=56, num_registers=2, generator=_gen(0)).state_dict())
+    _randomise_special_tokens(model)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["sample", "subset"])
+def test_packed_forward_equals_one_forward_per_crop_size(mode: str) -> None:
+    """Global crops (masked, 4 x 4 grid) and local crops (2 x 2 grid) through the blocks in one packed pass give the
+    outputs and the gradients of one forward_features call per crop size; attention stays within each image."""
+    globs, locs = _images(6, 56, 56, seed=1), _images(12, 28, 28, seed=2)
+    masks = torch.rand(6, 16, generator=_gen(3)) < 0.4
+    runs = []
+    for packed in (False, True):
+        model = _packed_pair(mode, 0.0)
+        model.train()
+        if packed:
+            outs = model.forward_features_packed([globs, locs], [masks, None])
+        else:
+            outs = [model.forward_features(globs, masks), model.forward_features(locs)]
+        loss = sum((o.cls.pow(2).sum() + o.patch.sin().sum() + o.registers.mean()) * (i + 1) for i, o in enumerate(outs))
+        loss.backward()
+        runs.append((outs, {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_grads), (packed, packed_grads) = runs
+    assert [tuple(o.patch.shape) for o in packed] == [(6, 16, 192), (12, 4, 192)]
+    for a, b in zip(plain, packed, strict=True):
+        for name in a._fields:
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=1e-5)
+    assert plain_grads.keys() == packed_grads.keys()
+    for name, grad in plain_grads.items():
+        assert grad is not None, name
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # a local crop's output depends on its own image only: change one, the others and the globals stay
+    model = _packed_pair(mode, 0.0).eval()
+    with torch.no_grad():
+        before = model.forward_features_packed([globs, locs], [masks, None])
+        locs2 = locs.clone()
+        locs2[3] += 1.0
+        after = model.forward_features_packed([globs, locs2], [masks, None])
+    changed = (after[1].cls - before[1].cls).abs().amax(-1) > 1e-4
+    assert changed.tolist() == [i == 3 for i in range(12)]
+    torch.testing.assert_close(after[0].cls, before[0].cls, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="one mask"):
+        model.forward_features_packed([globs, locs], [masks])
+
+
+@pytest.mark.parametrize("mode", ["sample", "subset"])
+def test_packed_drop_path_draws_per_sample_like_the_unpacked_block(mode: str) -> None:
+    """With stochastic depth, one packed group draws exactly what the unpacked forward draws (same seed, same
+    outputs); with two groups, subset mode runs the branch on exactly int(B * (1 - rate)) samples of every group
+    (sample mode on all of them), and train mode differs from eval mode (something was dropped)."""
+    model = _packed_pair(mode, 0.5).train()
+    x = _images(8, 56, 56, seed=4)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        plain = model.forward_features(x)
+        torch.manual_seed(7)
+        (packed,) = model.forward_features_packed([x], [None])
+    for name in plain._fields:
+        torch.testing.assert_close(getattr(packed, name), getattr(plain, name), atol=1e-5, rtol=1e-5)
+
+    block = model.blocks[0]
+    kept_rows: list[list[int]] = []
+    block.mlp.register_forward_hook(lambda _m, args, _o: kept_rows.append(args[0].shape[0]))
+    tokens = [torch.randn(8, 5, 192, generator=_gen(5)), torch.randn(6, 3, 192, generator=_gen(6))]
+    flat = torch.cat([t.reshape(-1, 192) for t in tokens])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        out = block(flat, ((8, 5), (6, 3)))
+    assert out.shape == flat.shape
+    eval_out = block.eval()(flat, ((8, 5), (6, 3)))
+    if mode == "subset":  # 4 of 8 and 3 of 6 samples ran the MLP branch: 4 * 5 + 3 * 3 token rows
+        assert kept_rows == [4 * 5 + 3 * 3, 8 * 5 + 6 * 3]
+    else:
+        assert kept_rows == [8 * 5 + 6 * 3] * 2
+    assert not torch.allclose(out, eval_out, atol=1e-4)  # something was dropped
 
 
 def test_set_drop_path_rate_matches_the_constructor_and_keeps_the_state_dict() -> None:

@@ -182,7 +182,8 @@ def test_bf16_autocast_steps_on_cpu(tmp_path):
 )
 def test_compiled_blocks_train_like_eager_under_fsdp(tmp_path):
     """parallel.compile=true (torch.compile per block, a GPU lever; here inductor on the CPU) with FSDP2 on one
-    process and activation checkpointing: the same losses and teacher as the eager run. Stochastic depth off: compiled
+    process and activation checkpointing: the same losses and teacher as the eager run, also with the crops packed
+    into one student pass (model.pack_crops=true, the packed blocks compiled too). Stochastic depth off: compiled
     code draws its random numbers differently."""
     common = [
         "model.drop_path_rate=0",
@@ -190,22 +191,27 @@ def test_compiled_blocks_train_like_eager_under_fsdp(tmp_path):
         "parallel.fsdp=true",
         "parallel.activation_checkpointing=1",
     ]
+    variants = {"compiled": ["parallel.compile=true"], "packed": ["parallel.compile=true", "model.pack_crops=true"]}
     try:  # FSDP2 on one process starts a process group: never leave it to the next test
         eager, _ = _run(tmp_path / "eager", *common)
         teacher_eager = {k: v.full_tensor() for k, v in eager.model.teacher.state_dict().items()}
-        compiled, summary = _run(tmp_path / "compiled", *common, "parallel.compile=true")
-        teacher_compiled = {k: v.full_tensor() for k, v in compiled.model.teacher.state_dict().items()}
+        runs = {}
+        for name, extra in variants.items():
+            training, summary = _run(tmp_path / name, *common, *extra)
+            runs[name] = training, summary, {k: v.full_tensor() for k, v in training.model.teacher.state_dict().items()}
     finally:
         parallel.shutdown()
-    assert summary.steps == 3
-    blocks = compiled.model.student["backbone"].blocks
-    # nn.Module.compile() sets _compiled_call_impl (no public query exists); without it: eager vs eager
-    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks), "blocks were not compiled"
-    for ra, rb in zip(_metrics(tmp_path / "eager"), _metrics(tmp_path / "compiled"), strict=True):
-        for key in ("loss", "dino", "ibot", "koleo", "grad_norm"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (ra["step"], key)
-    for name, value in teacher_compiled.items():
-        torch.testing.assert_close(value, teacher_eager[name], rtol=1e-4, atol=1e-5, msg=name)
+    for name, (training, summary, teacher) in runs.items():
+        assert summary.steps == 3
+        assert training.model.pack_crops is (name == "packed")
+        blocks = training.model.student["backbone"].blocks
+        # nn.Module.compile() sets _compiled_call_impl (no public query exists); without it: eager vs eager
+        assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks), "blocks were not compiled"
+        for ra, rb in zip(_metrics(tmp_path / "eager"), _metrics(tmp_path / name), strict=True):
+            for key in ("loss", "dino", "ibot", "koleo", "grad_norm"):
+                assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (name, ra["step"], key)
+        for key, value in teacher.items():
+            torch.testing.assert_close(value, teacher_eager[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
 
 
 def test_collapse_monitor_flags_a_uniform_teacher_in_metrics(tmp_path, caplog):

@@ -204,16 +204,23 @@ def test_global_batch_split():
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("reshard", [True, False], ids=["zero3", "zero2"])
-def test_fsdp_on_one_process_equals_plain(tmp_path, reference, reshard):
+@pytest.mark.parametrize(
+    ("reshard", "packed"), [(True, False), (False, False), (True, True)], ids=["zero3", "zero2", "zero3-packed"]
+)
+def test_fsdp_on_one_process_equals_plain(tmp_path, reference, reshard, packed):
     """parallel.fsdp=true on one process (the single-GPU bf16 path, here fp32 on CPU) trains like no sharding, also
     with the student's gathered weights kept for backward (ZeRO-2; the teacher still reshards, else the EMA met its
-    full tensors beside the student's shards and failed)."""
+    full tensors beside the student's shards and failed), and with the crops packed into one student pass
+    (``forward_features_packed``, registered with FSDP2 like ``forward_features``)."""
     from raddino import parallel
 
     try:
         training, summary = _one_rank(
-            tmp_path / "fsdp1", "train.max_steps=4", "parallel.fsdp=true", f"parallel.reshard_after_forward={reshard}"
+            tmp_path / "fsdp1",
+            "train.max_steps=4",
+            "parallel.fsdp=true",
+            f"parallel.reshard_after_forward={reshard}",
+            f"model.pack_crops={packed}",
         )
         from torch.distributed.tensor import DTensor
 

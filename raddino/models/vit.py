@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -85,6 +85,60 @@ DropPathMode = Literal["sample", "subset"]
 DROP_PATH_MODES = ("sample", "subset")
 
 
+# Packed tokens: the crops of several sizes as one (T, D) tensor, each group's (B_g, N_g, D) tokens flattened to
+# B_g * N_g rows and concatenated in order. Only attention needs the groups; every other layer is row-wise.
+PackedGroups = tuple[tuple[int, int], ...]  # (batch, tokens per sample) of each group, in packing order
+
+
+def _group_rows(groups: PackedGroups) -> list[int]:
+    return [b * n for b, n in groups]
+
+
+def packed_attention(attn: nn.Module, x: torch.Tensor, groups: PackedGroups) -> torch.Tensor:
+    """timm ``Attention`` over packed tokens ``x (T, D)`` -> ``(T, D)``, each group attending only within itself.
+
+    One ``qkv`` and one ``proj`` matmul for all groups (the weights are read once, the GEMMs are large); one fused
+    ``scaled_dot_product_attention`` per group, so every group keeps the flash / memory-efficient kernels that a
+    block-diagonal mask over the packed sequence would lose. Same arithmetic as ``attn`` on each group alone.
+    """
+    heads, head_dim = attn.num_heads, attn.head_dim
+    width = heads * head_dim
+    gate = getattr(attn, "gate", None)
+    gate = gate(x).sigmoid() if gate is not None else None
+    qkv = attn.qkv(x)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    outs = []
+    for (b, n), rows in zip(groups, qkv.split(_group_rows(groups)), strict=True):
+        q, k, v = rows.view(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=attn.scale)
+        outs.append(out.transpose(1, 2).reshape(b * n, width))
+    out = getattr(attn, "norm", nn.Identity())(torch.cat(outs))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
+def _packed_drop_path(drop_path: nn.Module, x: torch.Tensor, groups: PackedGroups) -> torch.Tensor:
+    """``drop_path`` applied per sample of each group of packed ``x (T, D)`` (draws in group order)."""
+    if not isinstance(drop_path, DropPath) or not drop_path.training or drop_path.drop_prob == 0.0:
+        return x
+    parts = x.split(_group_rows(groups))
+    return torch.cat([drop_path(p.view(b, n, -1)).reshape(b * n, -1) for (b, n), p in zip(groups, parts, strict=True)])
+
+
+class PackableBlock(Block):
+    """timm's pre-norm ``Block`` that also runs packed tokens: ``block(x (T, D), groups)`` (see
+    :func:`packed_attention`); ``block(x (B, N, D))`` is timm's forward unchanged. Same parameters and names."""
+
+    def forward(self, x: torch.Tensor, groups: PackedGroups | None = None, **kwargs) -> torch.Tensor:
+        if groups is None:
+            return super().forward(x, **kwargs)
+        assert x.dim() == 2 and x.shape[0] == sum(_group_rows(groups)), "packed tokens must be (sum B*N, D)"
+        x = x + _packed_drop_path(self.drop_path1, self.ls1(packed_attention(self.attn, self.norm1(x), groups)), groups)
+        return x + _packed_drop_path(self.drop_path2, self.ls2(self.mlp(self.norm2(x))), groups)
+
+
 def subset_residual(x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor], rate: float) -> torch.Tensor:
     """``x + drop_path(branch(x))`` computing ``branch`` only on the samples that keep it.
 
@@ -101,17 +155,46 @@ def subset_residual(x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tens
     return torch.index_add(x, 0, index, out.to(x.dtype), alpha=batch / kept)
 
 
-class SubsetDropPathBlock(Block):
-    """timm's pre-norm ``Block`` whose stochastic depth skips the dropped samples' compute (:func:`subset_residual`).
+def subset_residual_packed(
+    x: torch.Tensor,
+    groups: PackedGroups,
+    branch: Callable[[torch.Tensor, PackedGroups], torch.Tensor],
+    rate: float,
+) -> torch.Tensor:
+    """:func:`subset_residual` on packed tokens ``x (T, D)``: each group keeps its own subset (drawn in group
+    order), and the kept samples of all groups run ``branch(tokens, kept_groups)`` packed together."""
+    parts, kept_groups, indices = [], [], []
+    for (b, n), rows in zip(groups, x.split(_group_rows(groups)), strict=True):
+        kept = max(int(b * (1.0 - rate)), 1)
+        index = torch.randperm(b, device=x.device)[:kept]
+        parts.append(rows.view(b, n, -1)[index].reshape(kept * n, -1))
+        kept_groups.append((kept, n))
+        indices.append(index)
+    kept_groups = tuple(kept_groups)
+    out = branch(torch.cat(parts), kept_groups).to(x.dtype)
+    merged = []
+    for (b, n), (kept, _), index, rows, done in zip(
+        groups, kept_groups, indices, x.split(_group_rows(groups)), out.split(_group_rows(kept_groups)), strict=True
+    ):
+        merged.append(torch.index_add(rows.view(b, n, -1), 0, index, done.view(kept, n, -1), alpha=b / kept))
+    return torch.cat([m.reshape(-1, x.shape[-1]) for m in merged])
+
+
+class SubsetDropPathBlock(PackableBlock):
+    """timm's pre-norm ``Block`` whose stochastic depth skips the dropped samples' compute (:func:`subset_residual`,
+    :func:`subset_residual_packed`).
 
     Same parameters and names as ``Block``; identical to it in eval mode and at rate 0 (the teacher)."""
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, groups: PackedGroups | None = None, **kwargs) -> torch.Tensor:
         rate = float(getattr(self.drop_path1, "drop_prob", 0.0))
-        if not self.training or rate == 0.0 or args or kwargs:
-            return super().forward(x, *args, **kwargs)
-        x = subset_residual(x, lambda t: self.ls1(self.attn(self.norm1(t))), rate)
-        return subset_residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), rate)
+        if not self.training or rate == 0.0 or kwargs:
+            return super().forward(x, groups, **kwargs)
+        if groups is None:
+            x = subset_residual(x, lambda t: self.ls1(self.attn(self.norm1(t))), rate)
+            return subset_residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), rate)
+        x = subset_residual_packed(x, groups, lambda t, g: self.ls1(packed_attention(self.attn, self.norm1(t), g)), rate)
+        return subset_residual_packed(x, groups, lambda t, g: self.ls2(self.mlp(self.norm2(t))), rate)
 
 
 class BackboneOutput(NamedTuple):
@@ -233,7 +316,7 @@ class VisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
 
         rates = drop_path_rates(drop_path_rate, depth=depth, uniform=drop_path_uniform)
-        block_class = SubsetDropPathBlock if drop_path_mode == "subset" else Block
+        block_class = SubsetDropPathBlock if drop_path_mode == "subset" else PackableBlock
         self.blocks = nn.ModuleList(
             block_class(
                 dim=embed_dim,
@@ -260,13 +343,14 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"checkpoint interval must be >= 0, got {every}")
         self.checkpoint_every = every
 
-    def _run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _run_blocks(self, tokens: torch.Tensor, groups: PackedGroups | None = None) -> torch.Tensor:
         every = self.checkpoint_every
+        args = () if groups is None else (groups,)
         for i, block in enumerate(self.blocks):
             if every and self.training and torch.is_grad_enabled() and i % every == 0:
-                tokens = checkpoint(block, tokens, use_reentrant=False)
+                tokens = checkpoint(block, tokens, *args, use_reentrant=False)
             else:
-                tokens = block(tokens)
+                tokens = block(tokens, *args)
         return tokens
 
     def set_drop_path_rate(self, drop_path_rate: float, *, uniform: bool = True) -> None:
@@ -356,6 +440,24 @@ class VisionTransformer(nn.Module):
         """Images ``(B, C, H, W)``, optional iBOT ``masks (B, N) bool`` -> normed CLS / patch / register tokens."""
         tokens = self.prepare_tokens(x, masks)
         return self._split(self._run_blocks(tokens))
+
+    def forward_features_packed(
+        self, crops: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None]
+    ) -> list[BackboneOutput]:
+        """:meth:`forward_features` of several image batches (e.g. global and local crops, of different sizes) in
+        one pass through the blocks: their tokens are packed into one ``(sum B*N, D)`` tensor, every matmul runs
+        once over all of them and attention stays within each image (:class:`PackableBlock`). Equal to calling
+        :meth:`forward_features` on each batch, up to float rounding; with stochastic depth the draws come in
+        another order (block by block, not batch by batch), so the same seed drops other samples.
+
+        Under FSDP2 each block's weights are gathered once for all batches, not once per batch."""
+        if len(crops) != len(masks) or not crops:
+            raise ValueError(f"need one mask (or None) per crop batch, got {len(crops)} batches, {len(masks)} masks")
+        tokens = [self.prepare_tokens(x, m) for x, m in zip(crops, masks, strict=True)]
+        groups = tuple((t.shape[0], t.shape[1]) for t in tokens)
+        flat = self._run_blocks(torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens]), groups)
+        parts = flat.split(_group_rows(groups))
+        return [self._split(p.view(b, n, -1)) for (b, n), p in zip(groups, parts, strict=True)]
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int) -> list[BackboneOutput]:
         """Outputs of the last ``n`` blocks (earliest first), each through the final norm (DINOv2's ``norm=True``)."""
