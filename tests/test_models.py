@@ -524,7 +524,7 @@ def test_packed_forward_equals_one_forward_per_crop_size(mode: str) -> None:
             outs = model.forward_features_packed([globs, locs], [masks, None])
         else:
             outs = [model.forward_features(globs, masks), model.forward_features(locs)]
-        loss = sum((o.cls.pow(2).sum() + o.patch.sin().sum() + o.registers.mean()) * (i + 1) for i, o in enumerate(outs))
+        loss = sum((o.cls.pow(2).sum() + o.patch.sin().sum() + o.registers.mean()) * k for k, o in enumerate(outs, 1))
         loss.backward()
         runs.append((outs, {n: p.grad for n, p in model.named_parameters()}))
     (plain, plain_grads), (packed, packed_grads) = runs

@@ -193,7 +193,8 @@ class SubsetDropPathBlock(PackableBlock):
         if groups is None:
             x = subset_residual(x, lambda t: self.ls1(self.attn(self.norm1(t))), rate)
             return subset_residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), rate)
-        x = subset_residual_packed(x, groups, lambda t, g: self.ls1(packed_attention(self.attn, self.norm1(t), g)), rate)
+        attn = self.attn
+        x = subset_residual_packed(x, groups, lambda t, g: self.ls1(packed_attention(attn, self.norm1(t), g)), rate)
         return subset_residual_packed(x, groups, lambda t, g: self.ls2(self.mlp(self.norm2(t))), rate)
 
 
