@@ -45,4 +45,8 @@ timeout 80 $RD bench train "${TRAIN[@]}" "${LARGE[@]}" --ac 1 --steps 3 --warmup
 # 4. the loader with all cores: 8-bit 512-px PNG, decode + 2x224 + 8x98 crops + masks
 timeout 60 $RD bench loader "${LOADER[@]}" --bit-depths 8 --rounds 2 --json "$OUT/loader.json" 2>&1 \
     | tee "$OUT/loader.txt"
+# 5. last (the lowest priority if the stages above ran long): ViT-B/14 eager with the crops packed into one student
+#    pass (model.pack_crops=true; one matmul per layer for all 10 crops), against stage 1's eager number
+timeout 60 $RD bench train "${TRAIN[@]}" "${BASE[@]}" --pack --peak-tflops "$PEAK" \
+    --json "$OUT/train_vitb_packed.json" 2>&1 | tee "$OUT/train_vitb_packed.txt"
 python3 benchmarks/gpu_summary.py "$OUT" 2>&1 | tee "$OUT/summary.txt"

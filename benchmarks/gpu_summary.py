@@ -3,8 +3,8 @@
     python benchmarks/gpu_summary.py OUT      # -> OUT/summary.json, OUT/summary.md (also printed)
 
 Reads, each optional (a missing or failed stage makes its goals "not measured", never a pass):
-``train_vitb*.json`` (``raddino bench train``, ViT-B/14 eager / fused AdamW / compiled; the fastest is raddino's
-number), ``peers.json`` (``benchmarks/peers.py``), ``train_vitl_ac.json`` (ViT-L/14 with activation
+``train_vitb*.json`` (``raddino bench train``, ViT-B/14 eager / fused AdamW / compiled / packed crops; the fastest
+is raddino's number), ``peers.json`` (``benchmarks/peers.py``), ``train_vitl_ac.json`` (ViT-L/14 with activation
 checkpointing) and ``loader.json`` (``raddino bench loader --json``, 8-bit 512-px PNG).
 
 Meta's trainer counts as the better of its two runs here (``dinov2``: its modules as shipped, whose attention falls
@@ -50,7 +50,7 @@ def _ok_peers(peers: dict | None, names: tuple[str, ...]) -> list[dict]:
 
 def check_goals(out: Path) -> list[Goal]:
     """The goals of the Performance issue, each met / not met / not measured (``met=None``)."""
-    # variant name (the file's suffix: eager, fused, compile) -> record; the fastest variant is raddino's number
+    # variant name (the file's suffix: eager, fused, compile, packed) -> record; the fastest variant is raddino's number
     trains = {
         p.stem.removeprefix("train_vitb").lstrip("_") or "eager": _read(out, p.name)
         for p in sorted(out.glob("train_vitb*.json"))

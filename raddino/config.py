@@ -33,7 +33,7 @@ class ModelConfig:
     drop_path_mode: str = "sample"
     # true: the student runs global and local crops through its blocks in one packed pass (one matmul per layer for
     # all crops, attention per crop size; under FSDP2 one weight gather per block instead of two). Same losses up
-    # to float rounding; with drop path the draws come in another order. docs/TRAINING.md, "Performance levers"
+    # to float rounding; with drop path the draws come in another order. docs/TRAINING.md, "Packed crops"
     pack_crops: bool = False
     layerscale: float = 1e-5
     # auto (the rule of the model.init_from source, so continued pretraining sees what the source saw; dinov2

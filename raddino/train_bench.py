@@ -92,6 +92,7 @@ class TrainBenchResult:
     compile: bool
     activation_checkpointing: int
     steps: int
+    pack_crops: bool = False
     phase_s: dict[str, float] = field(default_factory=dict)  # median seconds per phase
     step_s: float = 0.0
     images_per_s: float = 0.0
@@ -109,8 +110,8 @@ class TrainBenchResult:
         mem = "n/a (CPU)" if self.peak_memory_gib is None else f"{self.peak_memory_gib:.2f} GiB"
         lines = [
             f"raddino bench train: ViT-{self.arch}, batch {self.batch}, crops {self.crops}, {self.compute_dtype}, "
-            f"fsdp={self.fsdp}, compile={self.compile}, ac={self.activation_checkpointing}, {self.device}, "
-            f"torch {self.torch}, {self.steps} timed steps",
+            f"fsdp={self.fsdp}, compile={self.compile}, ac={self.activation_checkpointing}, "
+            f"pack={self.pack_crops}, {self.device}, torch {self.torch}, {self.steps} timed steps",
             "",
             "| measure | value |",
             "|---|---|",
@@ -189,6 +190,7 @@ def run_train_bench(cfg: DictConfig, *, steps: int, warmup: int, peak_tflops: fl
         compile=bool(cfg.parallel.compile),
         activation_checkpointing=int(cfg.parallel.activation_checkpointing),
         steps=steps,
+        pack_crops=bool(cfg.model.pack_crops),
         phase_s={name: statistics.median(p.get(name, 0.0) for p in per_step) for name in PHASES},
         step_s=step_s,
         images_per_s=t.derived.micro_batch / step_s,

@@ -57,17 +57,20 @@ def test_step_flops_teacher_once_student_three_times():
     assert flops.total == teacher + 3 * student
 
 
-def test_bench_train_cpu_smoke(tmp_path, capsys):
+@pytest.mark.parametrize("pack", [False, True])
+def test_bench_train_cpu_smoke(tmp_path, capsys, pack):
     out = tmp_path / "bench.json"
     code = main(
         ["bench", "train", "--arch", "tiny", "--batch", "4", "--global-size", "28", "--local-size", "14"]
         + ["--n-local", "2", "--device", "cpu", "--workers", "0", "--steps", "2", "--warmup", "1", "--json", str(out)]
         + ["head.out_dim=256", "head.hidden_dim=64", "head.bottleneck_dim=32", "model.img_size=28"]
+        + (["--pack"] if pack else [])
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "MFU" in printed and "student_forward_backward" in printed
+    assert "MFU" in printed and "student_forward_backward" in printed and f"pack={pack}" in printed
     result = json.loads(out.read_text())
+    assert result["pack_crops"] is pack
     assert result["steps"] == 2 and result["batch"] == 4 and result["crops"] == "2x28 + 2x14"
     assert set(result["phase_s"]) == {"data", "teacher_forward", "student_forward_backward", "optimizer", "ema"}
     assert result["step_s"] > 0 and abs(sum(result["phase_s"].values()) - result["step_s"]) < 0.5 * result["step_s"]

@@ -232,6 +232,16 @@ def test_fsdp_on_one_process_equals_plain(tmp_path, reference, reshard, packed):
     _assert_same_run(reference, tmp_path / "fsdp1", range(1, 5))
 
 
+@pytest.mark.timeout(300)
+def test_two_ranks_with_packed_crops_equal_one_process(tmp_path, reference):
+    """model.pack_crops=true on 2 FSDP2 ranks (each block gathered once per student pass instead of once per crop
+    size) trains like the unpacked single process."""
+    out = tmp_path / "packed"
+    _two_ranks(tmp_path, out, "train.max_steps=4", "model.pack_crops=true")
+    assert "pack_crops: true" in (out / "config.yaml").read_text()
+    _assert_same_run(reference, out, range(1, 5))
+
+
 def test_fsdp_off_with_several_processes_is_an_error(tmp_path):
     from raddino.errors import RaddinoError
     from raddino.parallel import ParallelEnv

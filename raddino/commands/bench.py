@@ -149,6 +149,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     train.add_argument("--fsdp", action="store_true", help="FSDP2 even on one process (parallel.fsdp=true)")
     train.add_argument("--compile", action="store_true", help="torch.compile each block")
+    train.add_argument(
+        "--pack", action="store_true", help="one student pass for global and local crops (model.pack_crops=true)"
+    )
     train.add_argument("--ac", type=int, default=0, help="activation checkpointing every k-th block (0: off)")
     train.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     train.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
@@ -162,6 +165,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 TRAIN_EPILOG = """examples:
   raddino bench train --arch base --batch 64 --precision bf16 --fsdp          # ViT-B/14, 2x224 + 8x98 (H100/H200)
+  raddino bench train --arch base --batch 64 --precision bf16 --fsdp --pack   # the same, crops packed in one pass
   raddino bench train --arch large --batch 64 --ac 1 --compile --peak-tflops 989
   raddino bench train --arch tiny --batch 8 --global-size 56 --local-size 28 --n-local 2 --device cpu head.out_dim=4096
 """
@@ -192,6 +196,8 @@ def run_train(args: argparse.Namespace) -> int:
         ]
         if args.fsdp:
             overrides.append("parallel.fsdp=true")
+        if args.pack:
+            overrides.append("model.pack_crops=true")
         for key, value in (
             ("model.arch", args.arch),
             ("crops.global_size", args.global_size),
