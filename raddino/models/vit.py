@@ -134,6 +134,7 @@ class PackableBlock(Block):
     def forward(self, x: torch.Tensor, groups: PackedGroups | None = None, **kwargs) -> torch.Tensor:
         if groups is None:
             return super().forward(x, **kwargs)
+        assert not kwargs, f"packed tokens take no attention options, got {sorted(kwargs)}"
         assert x.dim() == 2 and x.shape[0] == sum(_group_rows(groups)), "packed tokens must be (sum B*N, D)"
         x = x + _packed_drop_path(self.drop_path1, self.ls1(packed_attention(self.attn, self.norm1(x), groups)), groups)
         return x + _packed_drop_path(self.drop_path2, self.ls2(self.mlp(self.norm2(x))), groups)
