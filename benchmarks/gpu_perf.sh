@@ -5,7 +5,8 @@
 # stop the others; everything lands in $OUT (summary.md / summary.json first).
 #   here first:   bash benchmarks/fetch_gpu_wheels.sh
 #   device call:  carry [".whl"], command "bash benchmarks/gpu_perf.sh", timeout_s 590
-#   CPU_SMOKE=1 bash benchmarks/gpu_perf.sh   # every stage, tiny, on the CPU (~2 min): checks the script itself
+#   CPU_SMOKE=1 bash benchmarks/gpu_perf.sh   # every stage, tiny, on the CPU (~30 s): checks the script itself
+#   if the call ran out of time before the summary: python benchmarks/gpu_summary.py FILES_AT (the fetched $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DEFAULT=/tmp/raddino-gpu-perf
