@@ -291,3 +291,30 @@ def test_sharded_backbone_root_is_gathered_again_for_backward():
         dist.destroy_process_group()
     for name, p in plain.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_packed_crops_gather_each_student_block_once_per_pass():
+    """benchmarks/fsdp_collectives.py on 2 gloo ranks: with the crops packed the step makes 2 x depth + 1 fewer
+    FSDP2 all-gathers (each student block once in forward and once in backward instead of once per crop size, the
+    backbone root once fewer) and the same reduce-scatters. Counts come from FSDP2's profiler ranges."""
+    import re
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "fsdp_collectives.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+        + ["--steps", "1", "--warmup", "0", "data.batch_size=4"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = dict(re.findall(r"^\| (False|True) \| (\d+ \| \d+) \|", done.stdout, flags=re.M))
+    (gathers, scatters), (packed_gathers, packed_scatters) = (map(int, rows[k].split(" | ")) for k in ("False", "True"))
+    from raddino.models.vit import ARCHS
+
+    depth = ARCHS[load_config("tiny_cpu").model.arch].depth
+    assert packed_scatters == scatters > 0
+    assert gathers - packed_gathers == 2 * depth + 1, done.stdout
