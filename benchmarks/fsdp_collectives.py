@@ -46,9 +46,7 @@ def _measure(config: str, overrides: list[str], *, steps: int, warmup: int) -> d
         model = t.model.train()
 
         def step() -> None:
-            batch = next(batches).to(t.device).normalized()
-            targets = model.teacher_targets(batch, teacher_temp=0.04)
-            model.student_loss(batch, targets).loss.backward()
+            model(next(batches).to(t.device).normalized(), teacher_temp=0.04).loss.backward()
             t.optimizer.step()
             t.optimizer.zero_grad(set_to_none=True)
             model.update_teacher(0.99)

@@ -92,7 +92,7 @@ class TrainBenchResult:
     compile: bool
     activation_checkpointing: int
     steps: int
-    pack_crops: bool = False
+    pack_crops: bool
     phase_s: dict[str, float] = field(default_factory=dict)  # median seconds per phase
     step_s: float = 0.0
     images_per_s: float = 0.0

@@ -164,21 +164,18 @@ def subset_residual_packed(
 ) -> torch.Tensor:
     """:func:`subset_residual` on packed tokens ``x (T, D)``: each group keeps its own subset (drawn in group
     order), and the kept samples of all groups run ``branch(tokens, kept_groups)`` packed together."""
-    parts, kept_groups, indices = [], [], []
-    for (b, n), rows in zip(groups, x.split(_group_rows(groups)), strict=True):
-        kept = max(int(b * (1.0 - rate)), 1)
-        index = torch.randperm(b, device=x.device)[:kept]
-        parts.append(rows.view(b, n, -1)[index].reshape(kept * n, -1))
-        kept_groups.append((kept, n))
-        indices.append(index)
-    kept_groups = tuple(kept_groups)
+    per_group = [rows.view(b, n, -1) for (b, n), rows in zip(groups, x.split(_group_rows(groups)), strict=True)]
+    kept_groups = tuple((max(int(b * (1.0 - rate)), 1), n) for b, n in groups)
+    indices = [torch.randperm(b, device=x.device)[:kept] for (b, _), (kept, _) in zip(groups, kept_groups, strict=True)]
+    parts = [tokens[index].flatten(0, 1) for tokens, index in zip(per_group, indices, strict=True)]
     out = branch(torch.cat(parts), kept_groups).to(x.dtype)
-    merged = []
-    for (b, n), (kept, _), index, rows, done in zip(
-        groups, kept_groups, indices, x.split(_group_rows(groups)), out.split(_group_rows(kept_groups)), strict=True
-    ):
-        merged.append(torch.index_add(rows.view(b, n, -1), 0, index, done.view(kept, n, -1), alpha=b / kept))
-    return torch.cat([m.reshape(-1, x.shape[-1]) for m in merged])
+    merged = [
+        torch.index_add(tokens, 0, index, done.view(kept, n, -1), alpha=tokens.shape[0] / kept).flatten(0, 1)
+        for tokens, index, (kept, n), done in zip(
+            per_group, indices, kept_groups, out.split(_group_rows(kept_groups)), strict=True
+        )
+    ]
+    return torch.cat(merged)
 
 
 class SubsetDropPathBlock(PackableBlock):
